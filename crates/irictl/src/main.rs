@@ -1,0 +1,3 @@
+// SPDX-License-Identifier: Apache-2.0
+//! irictl: the command-line client for IRI runtimes.
+fn main() {}

@@ -75,7 +75,7 @@ impl fmt::Display for RuntimeKind {
 pub enum EndpointError {
     /// The address has a form we do not accept.
     #[error(
-        "invalid endpoint {address:?}: {reason} (accepted: unix:///path, /path, tcp://host:port, http://host:port)"
+        "invalid endpoint {address:?}: {reason} (accepted: unix:///path, /path, ./path, tcp://host:port, http://host:port)"
     )]
     Invalid {
         /// The address as given.
@@ -128,7 +128,8 @@ impl fmt::Display for Endpoint {
 impl std::str::FromStr for Endpoint {
     type Err = EndpointError;
 
-    /// Accepts `unix:///path`, `unix:/path`, `/path`, `tcp://host:port` and `http://host:port`.
+    /// Accepts `unix:///path`, `unix:/path`, `/path`, `./path`, `../path`, `tcp://host:port` and
+    /// `http://host:port`.
     fn from_str(address: &str) -> Result<Self, Self::Err> {
         let invalid = |reason| EndpointError::Invalid {
             address: address.to_string(),
@@ -137,13 +138,17 @@ impl std::str::FromStr for Endpoint {
         if address.is_empty() {
             return Err(invalid("empty"));
         }
-        if let Some(rest) = address.strip_prefix("unix://").or_else(|| address.strip_prefix("unix:")) {
+        if let Some(rest) = address
+            .strip_prefix("unix://")
+            .or_else(|| address.strip_prefix("unix:"))
+        {
             if !rest.starts_with('/') {
                 return Err(invalid("a unix socket path must be absolute"));
             }
             return Ok(Endpoint::Unix(PathBuf::from(rest)));
         }
-        if address.starts_with('/') {
+        // A relative path must say so with ./ or ../; a bare "name" could be a typo'd host.
+        if address.starts_with('/') || address.starts_with("./") || address.starts_with("../") {
             return Ok(Endpoint::Unix(PathBuf::from(address)));
         }
         let hostport = address
@@ -175,7 +180,11 @@ impl Endpoint {
         discovery_timeout: Duration,
     ) -> Result<Endpoint, EndpointError> {
         let from_env = std::env::var(kind.env_var()).ok().filter(|v| !v.is_empty());
-        if let Some(address) = explicit.filter(|a| !a.is_empty()).map(str::to_string).or(from_env) {
+        if let Some(address) = explicit
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .or(from_env)
+        {
             return address.parse();
         }
         Self::discover(kind, &kind.well_known_sockets(), discovery_timeout).await
@@ -323,7 +332,14 @@ mod tests {
             "unix:///var/run/x.sock".parse::<Endpoint>().unwrap(),
             Endpoint::Unix("/var/run/x.sock".into())
         );
-        assert_eq!("/tmp/a.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/tmp/a.sock".into()));
+        assert_eq!(
+            "/tmp/a.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/tmp/a.sock".into())
+        );
+        assert_eq!(
+            "./a.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("./a.sock".into())
+        );
         assert_eq!(
             "tcp://127.0.0.1:8080".parse::<Endpoint>().unwrap(),
             Endpoint::Tcp("127.0.0.1:8080".into())
@@ -332,7 +348,10 @@ mod tests {
             "http://localhost:1234".parse::<Endpoint>().unwrap(),
             Endpoint::Tcp("localhost:1234".into())
         );
-        assert_eq!("tcp://[::1]:99".parse::<Endpoint>().unwrap(), Endpoint::Tcp("[::1]:99".into()));
+        assert_eq!(
+            "tcp://[::1]:99".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("[::1]:99".into())
+        );
     }
 
     #[test]
@@ -372,7 +391,10 @@ mod tests {
             .await
             .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("IRI_MACHINE_RUNTIME_ENDPOINT") && text.contains("broker.sock"), "{text}");
+        assert!(
+            text.contains("IRI_MACHINE_RUNTIME_ENDPOINT") && text.contains("broker.sock"),
+            "{text}"
+        );
 
         // A regular file at the broker path is not a socket and must be skipped.
         std::fs::write(&broker, b"").unwrap();
@@ -407,6 +429,9 @@ mod tests {
             .connect(Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert!(err.to_string().starts_with("cannot connect to tcp://127.0.0.1:"), "{err}");
+        assert!(
+            err.to_string().starts_with("cannot connect to tcp://127.0.0.1:"),
+            "{err}"
+        );
     }
 }

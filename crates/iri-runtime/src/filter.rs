@@ -92,7 +92,10 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -108,7 +111,10 @@ mod tests {
 
     #[test]
     fn id_and_selector_both_apply() {
-        let f = ObjectFilter { id: "x".into(), label_selector: map(&[("a", "1")]) };
+        let f = ObjectFilter {
+            id: "x".into(),
+            label_selector: map(&[("a", "1")]),
+        };
         assert!(f.matches("x", &map(&[("a", "1")])));
         assert!(!f.matches("y", &map(&[("a", "1")])));
         assert!(!f.matches("x", &map(&[])));
@@ -118,14 +124,24 @@ mod tests {
     #[test]
     fn event_window_needs_both_bounds() {
         let labels = map(&[]);
-        let only_from = EventFilter { from: 100, ..Default::default() };
+        let only_from = EventFilter {
+            from: 100,
+            ..Default::default()
+        };
         assert!(only_from.matches("x", &labels, 5));
-        let window = EventFilter { from: 100, to: 200, ..Default::default() };
+        let window = EventFilter {
+            from: 100,
+            to: 200,
+            ..Default::default()
+        };
         assert!(window.matches("x", &labels, 100));
         assert!(window.matches("x", &labels, 200));
         assert!(!window.matches("x", &labels, 99));
         assert!(!window.matches("x", &labels, 201));
-        let by_id = EventFilter { id: "x".into(), ..Default::default() };
+        let by_id = EventFilter {
+            id: "x".into(),
+            ..Default::default()
+        };
         assert!(!by_id.matches("y", &labels, 0));
     }
 }

@@ -32,7 +32,10 @@ pub fn new_id() -> String {
 /// Check this before an id from a request goes into a file path. For lookups, a malformed id is
 /// simply not found: the contract wants NotFound for any unknown id, and poollets rely on it.
 pub fn is_valid_id(id: &str) -> bool {
-    id.len() == ID_LEN && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Now, in Unix nanoseconds (the unit of `ObjectMetadata.created_at` / `deleted_at`).

@@ -5,12 +5,18 @@
 //!
 //! It knows stores and queues and nothing about QEMU, files or S3: providers bring those.
 
+pub mod cli;
 pub mod error;
 pub mod filter;
 pub mod id;
+pub mod logging;
+pub mod metrics;
 pub mod object;
+pub mod queue;
+pub mod server;
+pub mod store;
 
 pub use error::{Error, Result};
 pub use filter::{EventFilter, ObjectFilter};
 pub use object::Object;
-pub mod store;
+pub use store::{Change, EventType, Store, StoreOptions, Stored};

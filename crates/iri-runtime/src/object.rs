@@ -46,7 +46,10 @@ macro_rules! impl_object {
             }
 
             fn spec_bytes(&self) -> Vec<u8> {
-                self.spec.as_ref().map(Message::encode_to_vec).unwrap_or_default()
+                self.spec
+                    .as_ref()
+                    .map(Message::encode_to_vec)
+                    .unwrap_or_default()
             }
         }
     };

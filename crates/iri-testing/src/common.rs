@@ -1,0 +1,233 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Pieces shared by the three reference runtimes: metadata assignment and validation, the
+//! bounded event log, simulated-backend deadlines and random tokens.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use iri_api::{
+    event::v1alpha1::{Event, EventSpec},
+    meta::v1alpha1::ObjectMetadata,
+};
+use iri_runtime::{Error, EventFilter, Object, ObjectFilter, id};
+use tonic::{Response, Status};
+
+/// Most entries a `labels` or `annotations` map may have.
+pub const MAX_METADATA_ENTRIES: usize = 1024;
+/// Longest label/annotation key in bytes: a Kubernetes qualified name (253-byte DNS prefix, `/`,
+/// 63-byte name), which is what poollets put there.
+pub const MAX_METADATA_KEY_BYTES: usize = 317;
+/// Longest label/annotation value in bytes. Poollets store JSON (e.g. the NIC mapping annotation)
+/// in values, so this is generous, but bounded so one object cannot eat the process.
+pub const MAX_METADATA_VALUE_BYTES: usize = 64 * 1024;
+/// How many events a runtime keeps by default; older ones are dropped first.
+pub const DEFAULT_MAX_EVENTS: usize = 1000;
+
+/// Event type of everything the reference runtimes record: they never fail on their own.
+const NORMAL: &str = "Normal";
+
+/// Locks `mutex`, ignoring poisoning: the state is only mutated by code that cannot panic half
+/// way, and a test double must keep answering even after an unrelated panic in a test.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The instant at which the simulated backend has applied a change made now.
+pub(crate) fn after(delay: Duration) -> Instant {
+    let now = Instant::now();
+    // A huge configured delay must not panic; "practically never" is what the caller meant.
+    now.checked_add(delay)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+/// Hands out `created_at` timestamps that strictly increase within one runtime, so that listing
+/// by `(created_at, id)` is creation order even when two creates fall into the same nanosecond.
+#[derive(Debug, Default)]
+pub(crate) struct Clock {
+    last: i64,
+}
+
+impl Clock {
+    pub(crate) fn next(&mut self) -> i64 {
+        let now = id::now_nanos().max(self.last.saturating_add(1));
+        self.last = now;
+        now
+    }
+}
+
+/// Validates the client-controlled parts of `metadata` (labels, annotations) and returns the
+/// metadata the server stores: client labels/annotations verbatim, everything else assigned by
+/// the server (a client-supplied id, generation or timestamps are ignored, iri-contract §2.1).
+pub(crate) fn new_metadata(
+    object: &str,
+    metadata: Option<ObjectMetadata>,
+    clock: &mut Clock,
+) -> Result<ObjectMetadata, Error> {
+    let metadata = metadata.ok_or_else(|| Error::required(format!("{object}.metadata")))?;
+    validate_string_map(&format!("{object}.metadata.labels"), &metadata.labels)?;
+    validate_string_map(&format!("{object}.metadata.annotations"), &metadata.annotations)?;
+    Ok(ObjectMetadata {
+        id: id::new_id(),
+        annotations: metadata.annotations,
+        labels: metadata.labels,
+        generation: 1,
+        created_at: clock.next(),
+        deleted_at: 0,
+    })
+}
+
+/// Checks a labels/annotations map against the size limits above.
+pub(crate) fn validate_string_map(field: &str, map: &BTreeMap<String, String>) -> Result<(), Error> {
+    if map.len() > MAX_METADATA_ENTRIES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "has {} entries, at most {MAX_METADATA_ENTRIES} are allowed",
+                map.len()
+            ),
+        ));
+    }
+    for (key, value) in map {
+        if key.is_empty() {
+            return Err(Error::invalid(field, "keys must not be empty"));
+        }
+        if key.len() > MAX_METADATA_KEY_BYTES {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "key {:?} is {} bytes long, at most {MAX_METADATA_KEY_BYTES} are allowed",
+                    shorten(key),
+                    key.len()
+                ),
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(Error::invalid(
+                format!("{field}[{:?}]", shorten(key)),
+                format!(
+                    "value is {} bytes long, at most {MAX_METADATA_VALUE_BYTES} are allowed",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first 40 characters of `s`, so error messages stay one readable line.
+pub(crate) fn shorten(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
+/// Bumps `metadata.generation` (saturating: a counter must never make us panic).
+pub(crate) fn bump_generation(metadata: &mut Option<ObjectMetadata>) {
+    if let Some(metadata) = metadata {
+        metadata.generation = metadata.generation.saturating_add(1);
+    }
+}
+
+/// The objects passing `filter` (absent filter: all), in creation order with ties broken by id,
+/// so listings are deterministic.
+pub(crate) fn list_objects<'a, T: Object>(
+    objects: impl Iterator<Item = &'a T>,
+    filter: Option<ObjectFilter>,
+) -> Vec<T> {
+    let filter = filter.unwrap_or_default();
+    let empty = BTreeMap::new();
+    let mut listed: Vec<T> = objects
+        .filter(|o| filter.matches(o.id(), o.metadata().map(|m| &m.labels).unwrap_or(&empty)))
+        .cloned()
+        .collect();
+    listed.sort_by_cached_key(|o| {
+        o.metadata()
+            .map(|m| (m.created_at, m.id.clone()))
+            .unwrap_or_default()
+    });
+    listed
+}
+
+/// A bounded, chronological log of events.
+#[derive(Debug)]
+pub(crate) struct EventLog {
+    events: VecDeque<Event>,
+    max: usize,
+}
+
+impl EventLog {
+    pub(crate) fn new(max: usize) -> Self {
+        EventLog {
+            events: VecDeque::new(),
+            max,
+        }
+    }
+
+    /// Records a `Normal` event about the object with `metadata` (copied as it is now, so the
+    /// event keeps the labels that map it back to a Kubernetes object even after deletion).
+    pub(crate) fn record(&mut self, metadata: &ObjectMetadata, reason: &str, action: &str, message: String) {
+        if self.max == 0 {
+            return;
+        }
+        while self.events.len() >= self.max {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
+            spec: Some(EventSpec {
+                involved_object_meta: Some(metadata.clone()),
+                reason: reason.to_string(),
+                message,
+                r#type: NORMAL.to_string(),
+                event_time: id::now_secs(),
+                action: action.to_string(),
+            }),
+        });
+    }
+
+    /// The events passing `filter` (absent filter: all), oldest first.
+    pub(crate) fn list(&self, filter: Option<EventFilter>) -> Vec<Event> {
+        let filter = filter.unwrap_or_default();
+        let empty = BTreeMap::new();
+        self.events
+            .iter()
+            .filter(|event| {
+                let spec = event.spec.as_ref();
+                let meta = spec.and_then(|s| s.involved_object_meta.as_ref());
+                filter.matches(
+                    meta.map(|m| m.id.as_str()).unwrap_or(""),
+                    meta.map(|m| &m.labels).unwrap_or(&empty),
+                    spec.map(|s| s.event_time).unwrap_or(0),
+                )
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// `len` random characters from `alphabet` (which must have at most 256 entries).
+pub(crate) fn random_string(len: usize, alphabet: &[u8]) -> String {
+    let mut raw = vec![0u8; len];
+    // The OS random source is always available on the platforms we run on; should it ever
+    // fail, a zeroed (predictable) token is acceptable for a test double, a panic is not.
+    let _ = getrandom::fill(&mut raw);
+    raw.iter()
+        .map(|b| char::from(alphabet[usize::from(*b) % alphabet.len().max(1)]))
+        .collect()
+}
+
+/// Base64url alphabet, the one upstream's exec tokens use.
+pub(crate) const URL_SAFE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// A handler result as tonic wants it; errors become statuses in one place
+/// (`iri_runtime::Error`'s `From` impl), never by hand.
+pub(crate) fn reply<T, U>(
+    result: Result<T, Error>,
+    wrap: impl FnOnce(T) -> U,
+) -> Result<Response<U>, Status> {
+    result.map(|t| Response::new(wrap(t))).map_err(Status::from)
+}

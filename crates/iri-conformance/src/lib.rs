@@ -10,8 +10,10 @@
 //! Use [`run`] from a provider's own `cargo test`, or the `iri-conformance` binary against any
 //! endpoint.
 
+pub mod bench;
 pub mod config;
 pub mod harness;
+pub mod report;
 pub mod suite;
 
 pub use config::Config;

@@ -2,6 +2,7 @@
 //! The test catalog, one module per runtime.
 
 pub mod bucket;
+pub(crate) mod common;
 pub mod machine;
 pub mod volume;
 

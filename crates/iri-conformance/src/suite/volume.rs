@@ -13,6 +13,7 @@
 //! restart hook; the scale test lists `scale.objects` volumes.
 
 mod basics;
+mod dataplane;
 
 mod features;
 pub(crate) mod fixtures;
@@ -24,6 +25,7 @@ use crate::suite::common::{self, Kind};
 use basics::{
     invalid_requests, lifecycle, metadata_round_trip, quantity_follows_volumes, status_reports_classes,
 };
+use dataplane::{export_reads_and_writes, snapshot_keeps_point_in_time_data};
 use features::{
     encryption_round_trip, expand_grows, expand_invalid_requests, expand_rejects_shrink,
     snapshot_delete_keeps_restored, snapshot_invalid_requests, snapshot_lifecycle, snapshot_repeated_delete,
@@ -221,6 +223,23 @@ pub fn cases() -> Vec<TestCase> {
             true,
             list_at_scale,
             "scale.objects small volumes are all listed by labels, without filter and by id, then deleted"
+        ),
+        // Data plane: the reported access really serves the blocks.
+        test_case!(
+            Volume,
+            DataPlane,
+            DataPlane,
+            false,
+            export_reads_and_writes,
+            "an nbd export reads back what was written at its start and end, and its length is the reported size"
+        ),
+        test_case!(
+            Volume,
+            DataPlane,
+            DataPlane,
+            false,
+            snapshot_keeps_point_in_time_data,
+            "a volume restored from a snapshot reads the data written before it, after the source is deleted"
         ),
     ]
 }

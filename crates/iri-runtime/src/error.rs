@@ -112,6 +112,17 @@ impl Error {
     }
 }
 
+/// A handler's result as tonic wants it: `wrap` builds the response message, and an error
+/// becomes a status through the one mapping above.
+pub fn reply<T, U>(
+    result: Result<T>,
+    wrap: impl FnOnce(T) -> U,
+) -> std::result::Result<tonic::Response<U>, Status> {
+    result
+        .map(|t| tonic::Response::new(wrap(t)))
+        .map_err(Status::from)
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         Status::new(err.code(), err.to_string())

@@ -15,6 +15,7 @@ pub mod object;
 pub mod queue;
 pub mod server;
 pub mod store;
+pub mod validate;
 
 pub use error::{Error, Result};
 pub use filter::{EventFilter, ObjectFilter};

@@ -13,16 +13,10 @@ use iri_api::{
     meta::v1alpha1::ObjectMetadata,
 };
 use iri_runtime::{Error, EventFilter, Object, ObjectFilter, id};
-use tonic::{Response, Status};
 
-/// Most entries a `labels` or `annotations` map may have.
-pub const MAX_METADATA_ENTRIES: usize = 1024;
-/// Longest label/annotation key in bytes: a Kubernetes qualified name (253-byte DNS prefix, `/`,
-/// 63-byte name), which is what poollets put there.
-pub const MAX_METADATA_KEY_BYTES: usize = 317;
-/// Longest label/annotation value in bytes. Poollets store JSON (e.g. the NIC mapping annotation)
-/// in values, so this is generous, but bounded so one object cannot eat the process.
-pub const MAX_METADATA_VALUE_BYTES: usize = 64 * 1024;
+pub use iri_runtime::validate::{MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES};
+pub(crate) use iri_runtime::validate::{shorten, string_map as validate_string_map};
+
 /// How many events a runtime keeps by default; older ones are dropped first.
 pub const DEFAULT_MAX_EVENTS: usize = 1000;
 
@@ -67,63 +61,14 @@ pub(crate) fn new_metadata(
     metadata: Option<ObjectMetadata>,
     clock: &mut Clock,
 ) -> Result<ObjectMetadata, Error> {
-    let metadata = metadata.ok_or_else(|| Error::required(format!("{object}.metadata")))?;
-    validate_string_map(&format!("{object}.metadata.labels"), &metadata.labels)?;
-    validate_string_map(&format!("{object}.metadata.annotations"), &metadata.annotations)?;
+    let metadata = iri_runtime::validate::client_metadata(object, metadata)?;
     Ok(ObjectMetadata {
         id: id::new_id(),
-        annotations: metadata.annotations,
-        labels: metadata.labels,
         generation: 1,
         created_at: clock.next(),
         deleted_at: 0,
+        ..metadata
     })
-}
-
-/// Checks a labels/annotations map against the size limits above.
-pub(crate) fn validate_string_map(field: &str, map: &BTreeMap<String, String>) -> Result<(), Error> {
-    if map.len() > MAX_METADATA_ENTRIES {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "has {} entries, at most {MAX_METADATA_ENTRIES} are allowed",
-                map.len()
-            ),
-        ));
-    }
-    for (key, value) in map {
-        if key.is_empty() {
-            return Err(Error::invalid(field, "keys must not be empty"));
-        }
-        if key.len() > MAX_METADATA_KEY_BYTES {
-            return Err(Error::invalid(
-                field,
-                format!(
-                    "key {:?} is {} bytes long, at most {MAX_METADATA_KEY_BYTES} are allowed",
-                    shorten(key),
-                    key.len()
-                ),
-            ));
-        }
-        if value.len() > MAX_METADATA_VALUE_BYTES {
-            return Err(Error::invalid(
-                format!("{field}[{:?}]", shorten(key)),
-                format!(
-                    "value is {} bytes long, at most {MAX_METADATA_VALUE_BYTES} are allowed",
-                    value.len()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The first 40 characters of `s`, so error messages stay one readable line.
-pub(crate) fn shorten(s: &str) -> String {
-    match s.char_indices().nth(40) {
-        Some((cut, _)) => format!("{}...", &s[..cut]),
-        None => s.to_string(),
-    }
 }
 
 /// Bumps `metadata.generation` (saturating: a counter must never make us panic).
@@ -223,11 +168,4 @@ pub(crate) fn random_string(len: usize, alphabet: &[u8]) -> String {
 /// Base64url alphabet, the one upstream's exec tokens use.
 pub(crate) const URL_SAFE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// A handler result as tonic wants it; errors become statuses in one place
-/// (`iri_runtime::Error`'s `From` impl), never by hand.
-pub(crate) fn reply<T, U>(
-    result: Result<T, Error>,
-    wrap: impl FnOnce(T) -> U,
-) -> Result<Response<U>, Status> {
-    result.map(|t| Response::new(wrap(t))).map_err(Status::from)
-}
+pub(crate) use iri_runtime::error::reply;

@@ -23,8 +23,14 @@ async fn volume_session() {
 
     // create
     let id = created_id(
-        &s.ok(&["volume", "create", "volume", "-f", &example("volume.yaml")])
-            .await,
+        &s.ok(&[
+            "volume",
+            "create",
+            "volume",
+            "-f",
+            &example("volume-from-image.yaml"),
+        ])
+        .await,
         "volume",
     );
     let table = s.ok(&["volume", "get", "volumes"]).await;

@@ -1,0 +1,211 @@
+// SPDX-License-Identifier: Apache-2.0
+//! What the store holds for each volume and snapshot.
+//!
+//! A snapshot is stored as the IRI `VolumeSnapshot` itself: its states say all there is
+//! (FAILED is terminal). A volume needs one piece of private state next to the IRI object, the
+//! generation whose provisioning failed for good, so that the reconciler does not retry a
+//! permanent failure until the spec changes (ExpandVolume). [`VolumeRecord`] therefore carries
+//! the three IRI fields under the same tags as `volume.v1alpha1.Volume` plus private fields
+//! at high tags: a stored record decodes as a plain IRI `Volume` and back.
+
+use iri_api::{
+    meta::v1alpha1::ObjectMetadata,
+    volume::v1alpha1::{Volume, VolumeSnapshot, VolumeSnapshotState, VolumeSpec, VolumeState, VolumeStatus},
+};
+use iri_runtime::{Error, EventType, Object, Result, Store};
+use prost::Message;
+
+/// A volume as stored: the IRI object plus what only the provider needs to know.
+#[derive(Clone, PartialEq, Message)]
+pub struct VolumeRecord {
+    /// IRI metadata (`Volume.metadata`).
+    #[prost(message, optional, tag = "1")]
+    pub metadata: Option<ObjectMetadata>,
+    /// The desired state as requested (`Volume.spec`), returned verbatim.
+    #[prost(message, optional, tag = "2")]
+    pub spec: Option<VolumeSpec>,
+    /// The observed state (`Volume.status`), written by the reconciler only.
+    #[prost(message, optional, tag = "3")]
+    pub status: Option<VolumeStatus>,
+    /// The `metadata.generation` whose provisioning or expansion failed permanently; 0 = none.
+    /// The reconciler leaves that operation alone until the spec changes.
+    #[prost(int64, tag = "16")]
+    pub failed_generation: i64,
+    /// Why [`VolumeRecord::failed_generation`] failed, for logs after a restart.
+    #[prost(string, tag = "17")]
+    pub failure: String,
+}
+
+impl Object for VolumeRecord {
+    const KIND: &'static str = "volume";
+
+    fn metadata(&self) -> Option<&ObjectMetadata> {
+        self.metadata.as_ref()
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMetadata {
+        self.metadata.get_or_insert_with(Default::default)
+    }
+
+    fn spec_bytes(&self) -> Vec<u8> {
+        self.spec.as_ref().map(Message::encode_to_vec).unwrap_or_default()
+    }
+}
+
+impl VolumeRecord {
+    /// The IRI object, as List and Create return it.
+    pub fn into_volume(self) -> Volume {
+        Volume {
+            metadata: self.metadata,
+            spec: self.spec,
+            status: self.status,
+        }
+    }
+
+    /// `metadata.generation`.
+    pub fn generation(&self) -> i64 {
+        self.metadata.as_ref().map_or(0, |m| m.generation)
+    }
+
+    /// Whether deletion was requested.
+    pub fn is_deleting(&self) -> bool {
+        self.metadata.as_ref().is_some_and(|m| m.deleted_at != 0)
+    }
+
+    /// `spec.resources.storage_bytes` (0 when absent; the server never stores that).
+    pub fn spec_bytes(&self) -> i64 {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .map_or(0, |r| r.storage_bytes)
+    }
+
+    /// `status.resources.storage_bytes`: the size the backend serves (0 before provisioning).
+    pub fn status_bytes(&self) -> i64 {
+        self.status
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .map_or(0, |r| r.storage_bytes)
+    }
+
+    /// `status.state` (PENDING without status).
+    pub fn state(&self) -> VolumeState {
+        self.status
+            .as_ref()
+            .and_then(|s| VolumeState::try_from(s.state).ok())
+            .unwrap_or(VolumeState::VolumePending)
+    }
+
+    /// The snapshot this volume is restored from, if any.
+    pub fn source_snapshot(&self) -> Option<&str> {
+        self.spec
+            .as_ref()?
+            .volume_data_source
+            .as_ref()?
+            .snapshot_data_source
+            .as_ref()
+            .map(|s| s.snapshot_id.as_str())
+    }
+
+    /// Bytes this volume may come to occupy: its size as requested or as served, whichever is
+    /// bigger (thin files can fill up to their size).
+    pub fn committed_bytes(&self) -> i64 {
+        self.spec_bytes().max(self.status_bytes()).max(0)
+    }
+
+    /// Whether the backend still has to create the volume: not provisioned yet and not given
+    /// up on. Snapshots it is restored from must stay until then.
+    pub fn awaits_provisioning(&self) -> bool {
+        !self.is_deleting() && self.state() == VolumeState::VolumePending
+    }
+}
+
+/// `status.state` of a snapshot (PENDING without status).
+pub fn snapshot_state(snapshot: &VolumeSnapshot) -> VolumeSnapshotState {
+    snapshot
+        .status
+        .as_ref()
+        .and_then(|s| VolumeSnapshotState::try_from(s.state).ok())
+        .unwrap_or(VolumeSnapshotState::VolumeSnapshotPending)
+}
+
+/// `spec.volume_id` of a snapshot ("" when absent; the server never stores that).
+pub fn snapshot_volume_id(snapshot: &VolumeSnapshot) -> &str {
+    snapshot.spec.as_ref().map_or("", |s| s.volume_id.as_str())
+}
+
+/// Whether deletion of the snapshot was requested.
+pub fn snapshot_is_deleting(snapshot: &VolumeSnapshot) -> bool {
+    snapshot.metadata.as_ref().is_some_and(|m| m.deleted_at != 0)
+}
+
+/// `status.size` of a snapshot (0 until READY).
+pub fn snapshot_size(snapshot: &VolumeSnapshot) -> i64 {
+    snapshot.status.as_ref().map_or(0, |s| s.size)
+}
+
+/// Runs a store write (an fsynced SQLite transaction) off the async worker threads, so a slow
+/// disk delays only the caller, not every other RPC and reconcile sharing the thread.
+pub(crate) async fn blocking<T: Send + 'static>(
+    write: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(write)
+        .await
+        .map_err(|e| Error::Internal(format!("store task: {e}")))?
+}
+
+/// Records an event about the object with `meta`. The change it reports has happened already,
+/// so an event that cannot be stored is logged, never turned into a failure of that change.
+pub(crate) async fn record_event(
+    store: &Store,
+    meta: Option<&ObjectMetadata>,
+    event_type: EventType,
+    reason: &'static str,
+    action: &'static str,
+    message: String,
+) {
+    let store = store.clone();
+    let meta = meta.cloned().unwrap_or_default();
+    let id = meta.id.clone();
+    let result = blocking(move || store.record_event(&meta, event_type, reason, action, &message)).await;
+    if let Err(err) = result {
+        tracing::warn!(id = %id, reason, %err, "cannot record event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iri_api::volume::v1alpha1::VolumeResources;
+
+    use super::*;
+
+    #[test]
+    fn a_record_decodes_as_an_iri_volume_and_back() {
+        let record = VolumeRecord {
+            metadata: Some(ObjectMetadata {
+                id: "v".into(),
+                generation: 3,
+                ..Default::default()
+            }),
+            spec: Some(VolumeSpec {
+                class: "fast".into(),
+                resources: Some(VolumeResources { storage_bytes: 42 }),
+                ..Default::default()
+            }),
+            status: Some(VolumeStatus {
+                state: VolumeState::VolumeError as i32,
+                ..Default::default()
+            }),
+            failed_generation: 3,
+            failure: "no space".into(),
+        };
+        let bytes = record.encode_to_vec();
+        let volume = Volume::decode(bytes.as_slice()).unwrap();
+        assert_eq!(volume, record.clone().into_volume());
+        let back = VolumeRecord::decode(volume.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back.spec, record.spec);
+        assert_eq!(back.failed_generation, 0);
+        assert_eq!(record.committed_bytes(), 42);
+        assert_eq!(record.state(), VolumeState::VolumeError);
+    }
+}

@@ -323,7 +323,8 @@ pub enum Tracked {
 pub struct Ctx {
     /// The suite configuration.
     pub config: Arc<Config>,
-    channel: Channel,
+    /// The clients; also what [`Ctx::eventually`] probes get.
+    probe: Probe,
     labels: BTreeMap<String, String>,
     exchanges: Vec<Exchange>,
     tracked: Vec<Tracked>,
@@ -345,9 +346,13 @@ impl Ctx {
             (RUN_LABEL.to_string(), run_id.to_string()),
             (TEST_LABEL.to_string(), test.to_string()),
         ]);
+        let probe = Probe {
+            channel,
+            config: config.clone(),
+        };
         Ctx {
             config,
-            channel,
+            probe,
             labels,
             exchanges: Vec::new(),
             tracked: Vec::new(),
@@ -356,29 +361,27 @@ impl Ctx {
 
     /// A MachineRuntime client.
     pub fn machine(&self) -> MachineRuntimeClient<Channel> {
-        clients::machine(self.channel.clone())
+        self.probe.machine()
     }
 
     /// A VolumeRuntime client.
     pub fn volume(&self) -> VolumeRuntimeClient<Channel> {
-        clients::volume(self.channel.clone())
+        self.probe.volume()
     }
 
     /// A BucketRuntime client.
     pub fn bucket(&self) -> BucketRuntimeClient<Channel> {
-        clients::bucket(self.channel.clone())
+        self.probe.bucket()
     }
 
     /// The channel, for tests that drive many calls concurrently.
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.probe.channel.clone()
     }
 
     /// Wraps `message` in a request with the configured deadline.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.config.timeouts.rpc());
-        request
+        self.probe.request(message)
     }
 
     /// Labels that isolate this test's objects: the run id and the test name, plus `extra`.
@@ -557,11 +560,7 @@ impl Ctx {
     {
         let deadline = Instant::now() + timeout;
         loop {
-            let (value, seen) = probe(Probe {
-                channel: self.channel.clone(),
-                config: self.config.clone(),
-            })
-            .await?;
+            let (value, seen) = probe(self.probe.clone()).await?;
             if let Some(value) = value {
                 return Ok(value);
             }

@@ -1,0 +1,2 @@
+// SPDX-License-Identifier: Apache-2.0
+//! IRI BucketRuntime provider: buckets served by an embedded S3 server.

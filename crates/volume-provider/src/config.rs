@@ -25,6 +25,10 @@ pub struct Config {
     pub workers: usize,
     /// Seconds between full resyncs (which repair drift such as a lost export).
     pub resync_seconds: u64,
+    /// The key-encryption key that wraps the passphrases of encrypted volumes (32 bytes, mode
+    /// 0600; created at the first start). A relative path is relative to the data directory.
+    /// Losing it loses every encrypted volume: back it up, apart from the data.
+    pub key_file: std::path::PathBuf,
     /// Backend `local`.
     pub local: LocalSettings,
 }
@@ -60,6 +64,7 @@ impl ProviderConfig for Config {
             reserve_bytes: 1 << 30,
             workers: 4,
             resync_seconds: 60,
+            key_file: crate::KEY_FILE.into(),
             local: LocalSettings::default(),
         }
     }

@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod keys;
 pub mod reconcile;
 pub mod record;
 pub mod server;
@@ -30,12 +31,15 @@ use iri_runtime::{Store, StoreOptions, metrics::Metrics, server::RuntimeServer};
 use crate::{
     backend::{Backend, local::LocalBackend},
     config::Config,
+    keys::Kek,
     reconcile::Reconciler,
     server::{RUNTIME_NAME, VolumeService},
 };
 
 /// The store file inside the data directory.
 pub const STORE_FILE: &str = "store.db";
+/// The default key-encryption key file, relative to the data directory.
+pub const KEY_FILE: &str = "kek";
 /// The `local` backend's directory inside the data directory.
 pub const LOCAL_DIR: &str = "local";
 /// How long reconcile workers get to finish the object they are on at shutdown.
@@ -57,8 +61,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     // The store is locked exclusively: a second provider on the same data directory stops
     // here, before it touches the backend.
     let store = Store::open(&data_dir.join(STORE_FILE), StoreOptions::default())?;
+    let key_file = data_dir.join(&config.key_file);
+    let kek = Arc::new(Kek::load_or_create(&key_file)?);
     let backend: Arc<dyn Backend> = Arc::new(
-        LocalBackend::start(&data_dir.join(LOCAL_DIR), &config.local)
+        LocalBackend::start(&data_dir.join(LOCAL_DIR), &config.local, kek.clone())
             .await
             .context("starting backend local")?,
     );
@@ -76,7 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         Some(metrics.clone()),
     );
 
-    let service = VolumeRuntimeServer::new(VolumeService::new(store, backend, &config))
+    let service = VolumeRuntimeServer::new(VolumeService::new(store, backend, kek, &config))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let server = RuntimeServer::new(serve_options.clone(), metrics)

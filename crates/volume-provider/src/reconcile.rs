@@ -42,6 +42,7 @@ use tracing::Instrument;
 use crate::{
     backend::{Access, Backend, BackendError, Limits, Source, VolumePlan},
     config::VolumeClass,
+    keys::WrappedKey,
     record::{
         VolumeRecord, blocking, record_event, snapshot_is_deleting, snapshot_size, snapshot_state,
         snapshot_volume_id,
@@ -351,6 +352,8 @@ impl Reconciler {
             size_bytes: u64::try_from(spec_bytes).unwrap_or(0),
             source,
             limits: self.limits(&record),
+            encryption: (!record.encryption_key.is_empty())
+                .then(|| WrappedKey::from_bytes(record.encryption_key.clone())),
         };
         let provisioned = match self.backend.ensure_volume(&plan).await {
             Ok(provisioned) => provisioned,

@@ -34,6 +34,10 @@ pub struct VolumeRecord {
     /// Why [`VolumeRecord::failed_generation`] failed, for logs after a restart.
     #[prost(string, tag = "17")]
     pub failure: String,
+    /// The encryption passphrase wrapped with the provider's KEK (`crate::keys`); empty for an
+    /// unencrypted volume. The spec keeps `encryption` with empty `secret_data`.
+    #[prost(bytes = "vec", tag = "18")]
+    pub encryption_key: Vec<u8>,
 }
 
 impl Object for VolumeRecord {
@@ -198,6 +202,7 @@ mod tests {
             }),
             failed_generation: 3,
             failure: "no space".into(),
+            encryption_key: vec![1, 2, 3],
         };
         let bytes = record.encode_to_vec();
         let volume = Volume::decode(bytes.as_slice()).unwrap();

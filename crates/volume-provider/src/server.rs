@@ -9,9 +9,12 @@
 //!
 //! Validation mirrors the reference runtime (`iri-testing`), which the conformance suite
 //! holds every runtime to. Differences, all deliberate:
-//! * image data sources and encryption are rejected with InvalidArgument ("not supported
-//!   yet"): the `local` backend cannot honour them, and accepting them would create a volume
-//!   that silently lacks the image or the encryption;
+//! * image data sources are rejected with InvalidArgument ("not supported yet"): the `local`
+//!   backend cannot honour them, and accepting them would create a volume that silently lacks
+//!   the image;
+//! * an encrypted volume's passphrase (`spec.encryption.secret_data["encryptionKey"]`, required)
+//!   is stored wrapped with the provider's key-encryption key and never returned: the spec
+//!   comes back with `encryption` present and its `secret_data` empty, as upstream omits it;
 //! * a snapshot that is FAILED or being deleted cannot seed a volume (FailedPrecondition); nor
 //!   can a volume that is being deleted or in VOLUME_ERROR be snapshotted or expanded;
 //! * deletes are two-phase: OK while the backend releases the volume, NotFound once it is gone.
@@ -57,11 +60,15 @@ use tonic::{Request, Response, Status};
 use crate::{
     backend::Backend,
     config::{Config, VolumeClass},
+    keys::{Kek, Passphrase},
     record::{
         VolumeRecord, blocking, record_event, snapshot_is_deleting, snapshot_size, snapshot_state,
         snapshot_volume_id,
     },
 };
+
+/// The key of the passphrase in `spec.encryption.secret_data` (upstream's name).
+pub const ENCRYPTION_KEY: &str = "encryptionKey";
 
 /// `VersionResponse.runtime_name`: what poollets put in front of ids (`<name>://<id>`).
 pub const RUNTIME_NAME: &str = "iri-volume-provider";
@@ -79,6 +86,8 @@ const CAPACITY_TIMEOUT: Duration = Duration::from_secs(2);
 /// The `VolumeRuntime` service.
 pub struct VolumeService {
     store: Store,
+    /// Wraps encryption passphrases before they are stored.
+    kek: Arc<Kek>,
     classes: Vec<VolumeClass>,
     capacity: Capacity,
     /// Serializes "is there room?" with the store write that takes the room, so concurrent
@@ -89,9 +98,10 @@ pub struct VolumeService {
 impl VolumeService {
     /// A service over `store`, reporting and admitting against the capacity of `data_dir`
     /// (whose filesystem `backend` reports free space of).
-    pub fn new(store: Store, backend: Arc<dyn Backend>, config: &Config) -> Self {
+    pub fn new(store: Store, backend: Arc<dyn Backend>, kek: Arc<Kek>, config: &Config) -> Self {
         VolumeService {
             store,
+            kek,
             classes: config.classes.clone(),
             capacity: Capacity {
                 backend,
@@ -105,8 +115,22 @@ impl VolumeService {
 
     async fn insert_volume(&self, request: CreateVolumeRequest) -> Result<Volume> {
         let volume = request.volume.ok_or_else(|| Error::required("volume"))?;
-        let spec = volume.spec.ok_or_else(|| Error::required("volume.spec"))?;
+        let mut spec = volume.spec.ok_or_else(|| Error::required("volume.spec"))?;
         let size = self.validate_volume_spec(&spec)?;
+        // The passphrase is wrapped before anything is stored, and the rest of the secret
+        // (the poollet copies the whole Secret) is dropped: nothing else in it is used.
+        let encryption_key = match spec.encryption.as_mut() {
+            Some(encryption) => {
+                let key = encryption
+                    .secret_data
+                    .remove(ENCRYPTION_KEY)
+                    .map(Passphrase::new)
+                    .unwrap_or_else(|| Passphrase::new(Vec::new()));
+                encryption.secret_data.clear();
+                self.kek.wrap(&key).as_bytes().to_vec()
+            }
+            None => Vec::new(),
+        };
         let metadata = client_metadata("volume", volume.metadata)?;
         // What depends on state comes after everything about the request itself.
         if let Some(source) = spec
@@ -130,6 +154,7 @@ impl VolumeService {
             }),
             failed_generation: 0,
             failure: String::new(),
+            encryption_key,
         };
         let store = self.store.clone();
         let stored = blocking(move || store.create(record)).await?.object;
@@ -212,12 +237,21 @@ impl VolumeService {
                 _ => {}
             }
         }
-        if spec.encryption.is_some() {
-            // A volume that silently lacks the requested encryption would be worse than none.
-            return Err(Error::invalid(
-                "volume.spec.encryption",
-                "encryption is not supported yet",
-            ));
+        if let Some(encryption) = &spec.encryption {
+            match encryption.secret_data.get(ENCRYPTION_KEY) {
+                None => {
+                    return Err(Error::required(
+                        "volume.spec.encryption.secret_data[\"encryptionKey\"]",
+                    ));
+                }
+                Some(key) if key.is_empty() => {
+                    return Err(Error::invalid(
+                        "volume.spec.encryption.secret_data[\"encryptionKey\"]",
+                        "an empty passphrase protects nothing",
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         Ok(resources.storage_bytes)
     }
@@ -766,7 +800,12 @@ mod tests {
         let mut config = Config::default();
         config.server.data_dir = dir.path().to_path_buf();
         config.reserve_bytes = GIB as u64;
-        let service = VolumeService::new(store.clone(), fake.clone(), &config);
+        let service = VolumeService::new(
+            store.clone(),
+            fake.clone(),
+            Arc::new(Kek::from_bytes(&[3; crate::keys::KEK_LEN])),
+            &config,
+        );
         Fixture {
             _dir: dir,
             store,
@@ -904,6 +943,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn passphrases_are_stored_wrapped_and_never_returned() {
+        let f = fixture(100 << 30);
+        let passphrase = b"the-passphrase-of-this-test".to_vec();
+        let request = create_request(VolumeSpec {
+            encryption: Some(EncryptionSpec {
+                secret_data: BTreeMap::from([
+                    ("encryptionKey".to_string(), passphrase.clone()),
+                    ("other".to_string(), b"copied along by the poollet".to_vec()),
+                ]),
+            }),
+            ..spec(GIB)
+        });
+        let created = f
+            .service
+            .create_volume(Request::new(request))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let returned = created.spec.as_ref().unwrap().encryption.as_ref().unwrap();
+        assert!(returned.secret_data.is_empty(), "secrets are never returned");
+        let record = f.store.get::<VolumeRecord>(&id(&created)).unwrap().object;
+        assert!(record.spec.unwrap().encryption.unwrap().secret_data.is_empty());
+        let kek = Kek::from_bytes(&[3; crate::keys::KEK_LEN]);
+        let wrapped = crate::keys::WrappedKey::from_bytes(record.encryption_key.clone());
+        assert_eq!(kek.unwrap(&wrapped).unwrap().expose(), passphrase.as_slice());
+        assert!(
+            !record
+                .encryption_key
+                .windows(8)
+                .any(|w| passphrase.windows(8).any(|p| p == w)),
+            "the stored form holds no run of the passphrase"
+        );
+    }
+
+    #[tokio::test]
     async fn malformed_creates_name_the_field() {
         let f = fixture(100 << 30);
         let image = |image: &str| VolumeSpec {
@@ -962,7 +1038,16 @@ mod tests {
                     encryption: Some(EncryptionSpec::default()),
                     ..spec(GIB)
                 },
-                "encryption is not supported yet",
+                "volume.spec.encryption.secret_data[\"encryptionKey\"]",
+            ),
+            (
+                VolumeSpec {
+                    encryption: Some(EncryptionSpec {
+                        secret_data: BTreeMap::from([("encryptionKey".to_string(), Vec::new())]),
+                    }),
+                    ..spec(GIB)
+                },
+                "an empty passphrase",
             ),
         ];
         for (spec, field) in cases {

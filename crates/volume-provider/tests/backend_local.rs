@@ -11,6 +11,7 @@ use std::{
     os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -20,9 +21,12 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::Value;
-use volume_provider::backend::{
-    Backend, BackendError, Limits, Provisioned, Source, VolumePlan,
-    local::{LocalBackend, LocalSettings, SIZE_GRANULARITY},
+use volume_provider::{
+    backend::{
+        Backend, BackendError, Limits, Provisioned, Source, VolumePlan,
+        local::{LocalBackend, LocalSettings, SIZE_GRANULARITY},
+    },
+    keys::{Kek, Passphrase},
 };
 
 const MIB: u64 = 1 << 20;
@@ -44,7 +48,7 @@ impl Env {
     }
 
     async fn start(&self) -> LocalBackend {
-        LocalBackend::start(&self.path(), &LocalSettings::default())
+        LocalBackend::start(&self.path(), &LocalSettings::default(), kek())
             .await
             .unwrap()
     }
@@ -87,7 +91,13 @@ fn plan(id: &str, size: u64, source: Source) -> VolumePlan {
         size_bytes: size,
         source,
         limits: Limits::default(),
+        encryption: None,
     }
+}
+
+/// The provider's key-encryption key; the same for every backend a test starts.
+fn kek() -> Arc<Kek> {
+    Arc::new(Kek::from_bytes(&[9; volume_provider::keys::KEK_LEN]))
 }
 
 fn uri(p: &Provisioned) -> String {
@@ -305,6 +315,138 @@ async fn snapshots_in_use_clones_and_reference_counting() {
     backend.stop_daemon().await.unwrap();
 }
 
+/// Every file under `dir`, recursively (sockets skipped), with its bytes.
+fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            out.extend(all_files(&entry.path()));
+        } else if kind.is_file() {
+            out.push((entry.path(), fs::read(entry.path()).unwrap()));
+        }
+    }
+    out
+}
+
+/// Files under `dir` that contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    all_files(dir)
+        .into_iter()
+        .filter(|(_, bytes)| bytes.windows(needle.len()).any(|w| w == needle))
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// Whether `qemu-img info` says the layer file is encrypted.
+fn layer_is_encrypted(path: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["encrypted"].as_bool().unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_volumes_snapshots_and_clones_hold_no_plaintext() {
+    let env = Env::new();
+    let backend = env.start().await;
+    let kek = kek();
+    let secret = b"conformance-passphrase-0123";
+    let encrypted = |id: &str, source: Source, passphrase: &[u8]| VolumePlan {
+        encryption: Some(kek.wrap(&Passphrase::new(passphrase.to_vec()))),
+        ..plan(id, 8 * MIB, source)
+    };
+    // 0x5a is 'Z': a run of it in any file would be plaintext.
+    let plaintext = [0x5au8; 64];
+    let a = new_id();
+    let pa = backend
+        .ensure_volume(&encrypted(&a, Source::Empty, secret))
+        .await
+        .unwrap();
+    write(&uri(&pa), 0x5a, 0, 2 * MIB);
+    assert!(
+        has(&uri(&pa), 0x5a, 0, 2 * MIB),
+        "the export presents the plaintext"
+    );
+
+    // A snapshot, then the volume moves on; clones inherit the key or bring their own.
+    let s = new_id();
+    backend.create_snapshot(&s, &a).await.unwrap();
+    write(&uri(&pa), 0x33, 0, MIB);
+    let (c, d) = (new_id(), new_id());
+    let pc = backend
+        .ensure_volume(&plan(&c, 8 * MIB, Source::Snapshot(s.clone())))
+        .await
+        .unwrap();
+    let pd = backend
+        .ensure_volume(&encrypted(&d, Source::Snapshot(s.clone()), b"another passphrase"))
+        .await
+        .unwrap();
+    for p in [&pc, &pd] {
+        assert!(
+            has(&uri(p), 0x5a, 0, 2 * MIB),
+            "a clone holds the snapshot's data"
+        );
+    }
+    write(&uri(&pd), 0x5a, 4 * MIB, MIB);
+    assert!(has(&uri(&pa), 0x33, 0, MIB) && has(&uri(&pa), 0x5a, MIB, MIB));
+    backend.delete_volume(&a).await.unwrap();
+    assert!(has(&uri(&pc), 0x5a, 0, 2 * MIB), "the clone outlives its source");
+
+    let layers: Vec<PathBuf> = all_files(&env.path().join("layers"))
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    assert_eq!(layers.len(), 3, "the snapshot and two clones: {layers:?}");
+    for layer in &layers {
+        assert!(layer_is_encrypted(layer), "{} is not encrypted", layer.display());
+    }
+    assert_eq!(files_containing(&env.path(), &plaintext), Vec::<PathBuf>::new());
+    assert_eq!(files_containing(&env.path(), secret), Vec::<PathBuf>::new());
+
+    // A restart (daemon and backend) reopens every encrypted chain from the key files.
+    backend.stop_daemon().await.unwrap();
+    drop(backend);
+    let backend = env.start().await;
+    let pc = backend
+        .ensure_volume(&plan(&c, 8 * MIB, Source::Snapshot(s.clone())))
+        .await
+        .unwrap();
+    assert!(has(&uri(&pc), 0x5a, 0, 2 * MIB));
+    assert!(has(&uri(&pd), 0x5a, 4 * MIB, MIB));
+    // Grows like any volume.
+    assert_eq!(backend.expand_volume(&c, 16 * MIB).await.unwrap(), 16 * MIB);
+    assert_eq!(nbd_size(&uri(&pc)), 16 * MIB);
+    assert!(has(&uri(&pc), 0x5a, 0, 2 * MIB));
+    backend.stop_daemon().await.unwrap();
+    drop(backend);
+
+    // Under another KEK nothing opens, and the reason says why.
+    let other = LocalBackend::start(
+        &env.path(),
+        &LocalSettings::default(),
+        Arc::new(Kek::from_bytes(&[1; volume_provider::keys::KEK_LEN])),
+    )
+    .await
+    .unwrap();
+    let err = other
+        .ensure_volume(&plan(&c, 16 * MIB, Source::Snapshot(s.clone())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Permanent(m) if m.contains("different key-encryption key")),
+        "{err:?}"
+    );
+    other.stop_daemon().await.unwrap();
+    assert_eq!(files_containing(&env.path(), &plaintext), Vec::<PathBuf>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expands_online() {
     let env = Env::new();
@@ -471,7 +613,7 @@ async fn a_restarted_backend_adopts_the_daemon() {
     write(&uri(&p), 0x42, 0, MIB);
     let pid = backend.daemon_pid().unwrap();
     assert!(
-        LocalBackend::start(&env.path(), &LocalSettings::default())
+        LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
             .await
             .is_err(),
         "one backend per directory"
@@ -631,7 +773,7 @@ async fn a_start_waits_for_an_old_daemon_to_release_the_pid_file() {
     let mut holder = hold_pid_file(&env);
     let holder_pid = holder.0.id() as i32;
     let began = Instant::now();
-    let err = LocalBackend::start(&env.path(), &LocalSettings::default())
+    let err = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
         .await
         .expect_err("started a daemon while another holds the pid file");
     assert!(
@@ -652,7 +794,7 @@ async fn a_start_waits_for_an_old_daemon_to_release_the_pid_file() {
         holder.0.wait().unwrap();
     });
     let began = Instant::now();
-    let backend = LocalBackend::start(&env.path(), &LocalSettings::default())
+    let backend = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
         .await
         .unwrap_or_else(|e| panic!("the start did not wait for the pid file: {e}"));
     assert!(
@@ -683,7 +825,7 @@ async fn a_start_right_after_the_daemon_was_killed_succeeds() {
         // the daemon's threads are still exiting.
         drop(backend);
         kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-        backend = LocalBackend::start(&env.path(), &LocalSettings::default())
+        backend = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
             .await
             .unwrap_or_else(|e| panic!("round {round}: restart after SIGKILL failed: {e}"));
         assert_ne!(backend.daemon_pid(), Some(pid), "round {round}");
@@ -921,7 +1063,9 @@ async fn crash_worker() {
         ..LocalSettings::default()
     };
     let scripted = settings.crash_at.is_some();
-    let backend = LocalBackend::start(&dir.join("local"), &settings).await.unwrap();
+    let backend = LocalBackend::start(&dir.join("local"), &settings, kek())
+        .await
+        .unwrap();
     let mut worker = Worker {
         backend,
         journal,
@@ -1324,7 +1468,7 @@ async fn survives_kill_9_at_random_points() {
             if also_daemon { " (and the daemon)" } else { "" },
             journal.lines().last()
         );
-        let backend = LocalBackend::start(&env.path(), &LocalSettings::default())
+        let backend = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
             .await
             .unwrap_or_else(|e| panic!("iteration {iteration}: restart after crash failed: {e}"));
         model = verify_after_crash(&backend, &env.path(), &model, &journal).await;

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The IRI conformance suite against the real `iri-volume-provider` binary: profiles core, data-plane,
-//! expand and snapshots must pass without a single failure. Needs qemu-utils.
+//! expand, snapshots and encryption must pass without a single failure. Needs qemu-utils.
 //!
-//! Not run here: encryption and image data sources (rejected as not supported yet), restart
+//! Not run here: image data sources (rejected as not supported yet), restart
 //! (covered by `tests/provider.rs`, which can restart the process itself), scale.
 
 use std::{
@@ -65,6 +65,7 @@ async fn conformance_core_expand_snapshots() {
         Profile::Expand,
         Profile::Snapshots,
         Profile::DataPlane,
+        Profile::Encryption,
     ];
     let options = RunOptions {
         profiles: profiles.iter().copied().collect::<BTreeSet<_>>(),

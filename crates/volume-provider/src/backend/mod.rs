@@ -8,6 +8,8 @@ pub mod local;
 
 use std::collections::BTreeMap;
 
+use crate::keys::WrappedKey;
+
 /// How a volume's data comes into being.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -37,6 +39,9 @@ pub struct VolumePlan {
     pub source: Source,
     /// Data path limits of the volume's class.
     pub limits: Limits,
+    /// The passphrase to encrypt the volume's data with, wrapped with the provider's KEK.
+    /// `None` for a clone of an encrypted snapshot keeps the snapshot's key.
+    pub encryption: Option<WrappedKey>,
 }
 
 /// A volume as the backend serves it.

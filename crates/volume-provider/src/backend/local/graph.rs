@@ -22,15 +22,18 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    path::Path,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
+use base64::{Engine, engine::general_purpose::STANDARD};
 use qmp::Qmp;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use zeroize::Zeroizing;
 
 use super::layout::StoredLimits;
+use crate::keys::Passphrase;
 
 /// QEMU's largest throttle value.
 const THROTTLE_VALUE_MAX: u64 = 1_000_000_000_000_000;
@@ -138,6 +141,16 @@ impl Graph {
             .collect()
     }
 
+    /// Secret objects of ours: leftovers of an open that was interrupted (they exist only
+    /// while a layer opens).
+    pub fn secrets(&self) -> Vec<String> {
+        self.objects
+            .iter()
+            .filter(|o| o.strip_prefix('k').is_some_and(super::layout::valid_layer_id))
+            .cloned()
+            .collect()
+    }
+
     /// Volume ids of every throttle group of ours.
     pub fn throttle_groups(&self) -> Vec<String> {
         self.objects
@@ -148,26 +161,39 @@ impl Graph {
     }
 }
 
+/// One layer of a chain, as the daemon opens it.
+#[derive(Debug, Clone)]
+pub(super) struct Layer {
+    /// The layer id.
+    pub id: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// Its passphrase, if the layer is encrypted.
+    pub key: Option<Passphrase>,
+}
+
 /// What one volume's graph is built from (read from its manifest and layer headers).
 #[derive(Debug)]
 pub(super) struct VolumeSpec<'a> {
     /// The volume id.
     pub id: &'a str,
     /// Its layers from the tip down (the tip first).
-    pub chain: &'a [String],
-    /// The tip's file.
-    pub tip_path: &'a Path,
+    pub chain: &'a [Layer],
     /// Throttle limits.
     pub limits: StoredLimits,
 }
 
 impl VolumeSpec<'_> {
     fn tip(&self) -> &str {
-        &self.chain[0]
+        &self.chain[0].id
     }
 
     fn tip_backing(&self) -> Option<&str> {
-        self.chain.get(1).map(String::as_str)
+        self.chain.get(1).map(|l| l.id.as_str())
+    }
+
+    fn layer_ids(&self) -> Vec<String> {
+        self.chain.iter().map(|l| l.id.clone()).collect()
     }
 }
 
@@ -215,7 +241,7 @@ pub(super) async fn ensure_exported(
             }
             if let Some(below) = pending_below {
                 if !graph.has_node(&tip) {
-                    add_layer(qmp, graph, volume.tip(), volume.tip_path, false).await?;
+                    add_layer(qmp, graph, volume.chain, false).await?;
                 }
                 qmp.execute_value("blockdev-snapshot", json!({"node": below, "overlay": tip}))
                     .await?;
@@ -227,7 +253,7 @@ pub(super) async fn ensure_exported(
             volume = volume.id,
             "the daemon's graph does not match the manifest: rebuilding it"
         );
-        teardown(qmp, graph, volume.id, volume.chain).await?;
+        teardown(qmp, graph, volume.id, &volume.layer_ids()).await?;
         change = Change::Rebuilt;
     }
     // Leftovers of an interrupted build or teardown are in the way of fresh nodes.
@@ -242,7 +268,7 @@ pub(super) async fn ensure_exported(
         remove_node(qmp, graph, &tip).await?;
     }
     if !graph.has_node(&tip) {
-        add_layer(qmp, graph, volume.tip(), volume.tip_path, true).await?;
+        add_layer(qmp, graph, volume.chain, true).await?;
     }
     qmp.execute_value(
         "blockdev-add",
@@ -297,29 +323,89 @@ pub(super) async fn remove_throttle_group(qmp: &Qmp, graph: &mut Graph, volume: 
     Ok(())
 }
 
-/// Adds the qcow2 node of layer `layer`: with the backing chain QEMU reads from the headers,
-/// or with none (`backing: null`), as `blockdev-snapshot` wants its overlay.
+/// The QOM secret object that carries layer `layer`'s passphrase while the layer is opened.
+pub(super) fn secret_id(layer: &str) -> String {
+    format!("k{layer}")
+}
+
+/// Adds the qcow2 node of `chain[0]`: with its backing chain, or with none (`backing: null`),
+/// as `blockdev-snapshot` wants its overlay.
+///
+/// An unencrypted chain is opened as the qcow2 headers describe it. A chain with an encrypted
+/// layer is spelled out layer by layer, because QEMU needs each encrypted layer's secret
+/// named in its options. Secrets exist only while the nodes open: QEMU derives the volume key
+/// at open time and never reads the secret again, so the passphrase does not stay around in
+/// the daemon's object tree.
 pub(super) async fn add_layer(
     qmp: &Qmp,
     graph: &mut Graph,
-    layer: &str,
-    path: &Path,
+    chain: &[Layer],
     with_backing: bool,
 ) -> qmp::Result<()> {
-    let node = layer_node(layer);
-    let mut arguments = json!({
-        "driver": "qcow2",
-        "node-name": node,
-        // Guest discards free space in the file: volumes stay thin.
-        "discard": "unmap",
-        "file": {"driver": "file", "filename": path.display().to_string(), "discard": "unmap"},
-    });
-    if !with_backing {
-        arguments["backing"] = Value::Null;
+    let layer = &chain[0];
+    let node = layer_node(&layer.id);
+    let opened = if with_backing { chain } else { &chain[..1] };
+    let explicit = opened.iter().any(|l| l.key.is_some());
+    let mut arguments = node_options(opened, with_backing, explicit);
+    arguments["node-name"] = Value::String(node.clone());
+    let mut secrets = Vec::new();
+    let mut result = Ok(());
+    for layer in opened {
+        if let Some(key) = &layer.key {
+            let id = secret_id(&layer.id);
+            // A leftover of an interrupted open would make object-add fail.
+            let _ = qmp.execute_value("object-del", json!({"id": id})).await;
+            let data = Zeroizing::new(STANDARD.encode(key.expose()));
+            let added = qmp
+                .execute_value(
+                    "object-add",
+                    json!({"qom-type": "secret", "id": id, "format": "base64", "data": data.as_str()}),
+                )
+                .await;
+            match added {
+                Ok(_) => secrets.push(id),
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            }
+        }
     }
-    qmp.execute_value("blockdev-add", arguments).await?;
+    if result.is_ok() {
+        result = qmp.execute_value("blockdev-add", arguments).await.map(drop);
+    }
+    for id in secrets {
+        if let Err(err) = qmp.execute_value("object-del", json!({"id": id})).await {
+            tracing::warn!(secret = id, %err, "cannot remove a secret object");
+        }
+    }
+    result?;
     graph.nodes.insert(node, false);
     Ok(())
+}
+
+/// The `blockdev-add` options of `chain[0]` (without its node name): its backing as the
+/// header says, none, or (`explicit`) the rest of `chain`, spelled out.
+fn node_options(chain: &[Layer], with_backing: bool, explicit: bool) -> Value {
+    let layer = &chain[0];
+    let mut options = json!({
+        "driver": "qcow2",
+        // Guest discards free space in the file: volumes stay thin.
+        "discard": "unmap",
+        "file": {"driver": "file", "filename": layer.path.display().to_string(), "discard": "unmap"},
+    });
+    if layer.key.is_some() {
+        options["encrypt"] = json!({"format": "luks", "key-secret": secret_id(&layer.id)});
+    }
+    if !with_backing {
+        options["backing"] = Value::Null;
+    } else if explicit {
+        options["backing"] = match chain.get(1) {
+            Some(_) => node_options(&chain[1..], true, true),
+            None => Value::Null,
+        };
+    }
+    options
 }
 
 /// Makes `overlay` (a layer whose header names `base` as backing file) the new tip above
@@ -328,13 +414,12 @@ pub(super) async fn switch_to_overlay(
     qmp: &Qmp,
     graph: &mut Graph,
     base: &str,
-    overlay: &str,
-    overlay_path: &Path,
+    overlay: &Layer,
 ) -> qmp::Result<()> {
-    add_layer(qmp, graph, overlay, overlay_path, false).await?;
-    let arguments = json!({"node": layer_node(base), "overlay": layer_node(overlay)});
+    add_layer(qmp, graph, std::slice::from_ref(overlay), false).await?;
+    let arguments = json!({"node": layer_node(base), "overlay": layer_node(&overlay.id)});
     qmp.execute_value("blockdev-snapshot", arguments).await?;
-    graph.nodes.insert(layer_node(overlay), true);
+    graph.nodes.insert(layer_node(&overlay.id), true);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! <dir>/lock                    flock held by the one provider that owns the directory
 //! <dir>/daemon/                 qmp.sock, nbd.sock, pid, log of the storage daemon
 //! <dir>/layers/<layer>.qcow2    every qcow2 file: a volume's active layer or a frozen one
+//! <dir>/layers/<layer>.key      an encrypted layer's passphrase, wrapped with the provider's KEK
 //! <dir>/volumes/<volume>.json   manifest: which layer is the volume's active layer, its limits
 //! <dir>/snapshots/<snap>.json   manifest: which frozen layer is the snapshot
 //! ```
@@ -27,7 +28,7 @@ use std::{
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::backend::Limits;
+use crate::{backend::Limits, keys::WrappedKey};
 
 /// Length of a layer id (hex characters).
 pub(super) const LAYER_ID_LEN: usize = 30;
@@ -115,6 +116,14 @@ pub(super) struct SnapshotManifest {
     pub volume: String,
 }
 
+/// `layers/<layer>.key`: what opens an encrypted layer. Written before its layer, removed after
+/// it, so that a layer on disk always has its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct LayerKey {
+    /// The passphrase, wrapped.
+    pub key: WrappedKey,
+}
+
 impl Layout {
     /// The tree under `root` (an absolute path).
     pub fn new(root: &Path) -> Layout {
@@ -197,6 +206,11 @@ impl Layout {
         self.layers_dir().join(format!("{id}.qcow2"))
     }
 
+    /// Layer `id`'s key file (encrypted layers only).
+    pub fn layer_key(&self, id: &str) -> PathBuf {
+        self.layers_dir().join(format!("{id}.key"))
+    }
+
     /// Volume `id`'s manifest.
     pub fn volume(&self, id: &str) -> PathBuf {
         self.volumes_dir().join(format!("{id}.json"))
@@ -227,6 +241,11 @@ impl Layout {
         list_ids(&self.layers_dir(), ".qcow2", valid_layer_id)
     }
 
+    /// Layer ids that have a key file.
+    pub fn list_layer_keys(&self) -> io::Result<Vec<String>> {
+        list_ids(&self.layers_dir(), ".key", valid_layer_id)
+    }
+
     /// Removes the temporary files interrupted writes left behind; returns how many.
     pub fn remove_temp_files(&self) -> io::Result<usize> {
         let mut removed = 0;
@@ -253,6 +272,16 @@ impl Layout {
     /// Snapshot `id`'s manifest, if it has one.
     pub fn read_snapshot(&self, id: &str) -> io::Result<Option<SnapshotManifest>> {
         read_json(&self.snapshot(id))
+    }
+
+    /// Layer `id`'s key, if it has one.
+    pub fn read_layer_key(&self, id: &str) -> io::Result<Option<LayerKey>> {
+        read_json(&self.layer_key(id))
+    }
+
+    /// Writes layer `id`'s key (before the layer itself).
+    pub fn write_layer_key(&self, id: &str, key: &LayerKey) -> io::Result<()> {
+        self.write_json(&self.layers_dir(), &self.layer_key(id), key)
     }
 
     /// Commits volume `id`'s manifest.

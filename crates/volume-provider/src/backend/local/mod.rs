@@ -53,10 +53,11 @@ use serde_json::Value;
 
 use self::{
     daemon::Daemon,
-    graph::{Change, Graph, VolumeSpec},
-    layout::{Layout, StoredLimits, VolumeManifest},
+    graph::{Change, Graph, Layer, VolumeSpec},
+    layout::{LayerKey, Layout, StoredLimits, VolumeManifest},
 };
 use super::{Access, Backend, BackendError, BackendResult, Inventory, Provisioned, Source, VolumePlan};
+use crate::keys::{Kek, Passphrase, WrappedKey};
 
 /// Volume sizes are rounded up to a multiple of this (1 MiB): small enough not to waste space,
 /// and a multiple of every sector and qcow2 cluster size a guest or QEMU cares about.
@@ -87,6 +88,9 @@ pub struct LocalSettings {
     pub qemu_storage_daemon: PathBuf,
     /// The qemu-img binary (creates qcow2 files).
     pub qemu_img: PathBuf,
+    /// Milliseconds of PBKDF2 work in the LUKS key slot of each encrypted layer; every open of
+    /// the layer (each start, each daemon restart) costs about as much.
+    pub encryption_iter_time_ms: u64,
     /// Crash tests only: the process aborts, as if killed, when it passes this crash point
     /// (`<name>` or `<name>#<n>` for the n-th time). Not settable from a configuration file.
     #[doc(hidden)]
@@ -99,6 +103,7 @@ impl Default for LocalSettings {
         LocalSettings {
             qemu_storage_daemon: PathBuf::from("qemu-storage-daemon"),
             qemu_img: PathBuf::from("qemu-img"),
+            encryption_iter_time_ms: 200,
             crash_at: None,
         }
     }
@@ -131,6 +136,8 @@ impl Drop for LocalBackend {
 struct Inner {
     layout: Layout,
     settings: LocalSettings,
+    /// Unwraps the passphrases of encrypted layers.
+    kek: Arc<Kek>,
     /// The NBD socket path, escaped for the query of an NBD URI.
     uri_socket: String,
     /// Serializes every change of files or of the daemon's graph, and the daemon restart.
@@ -163,7 +170,7 @@ impl LocalBackend {
     /// Opens the backend in `dir` (created if missing): takes the directory lock, adopts the
     /// running storage daemon or starts one, completes or rolls back what a crash interrupted,
     /// exports every volume, removes orphans, and starts supervising the daemon.
-    pub async fn start(dir: &Path, settings: &LocalSettings) -> BackendResult<LocalBackend> {
+    pub async fn start(dir: &Path, settings: &LocalSettings, kek: Arc<Kek>) -> BackendResult<LocalBackend> {
         let setup =
             |what: &str, e: io::Error| BackendError::Transient(format!("{what} {}: {e}", dir.display()));
         fs::DirBuilder::new()
@@ -191,6 +198,7 @@ impl LocalBackend {
             uri_socket: uri_escape(&layout.nbd_socket().display().to_string()),
             layout,
             settings: settings.clone(),
+            kek,
             state: tokio::sync::Mutex::new(State::default()),
             daemon: Mutex::new(Some(daemon)),
             stopped: AtomicBool::new(false),
@@ -419,6 +427,11 @@ impl Inner {
                     .map_err(|e| qmp_error("blockdev-del", e))?;
             }
         }
+        for id in graph.secrets() {
+            qmp.execute_value("object-del", serde_json::json!({"id": id}))
+                .await
+                .map_err(|e| qmp_error("object-del", e))?;
+        }
         for id in graph.throttle_groups() {
             if !known.contains(id.as_str()) {
                 graph::remove_throttle_group(qmp, graph, &id)
@@ -441,12 +454,10 @@ impl Inner {
         let manifest = self
             .read_volume(id)?
             .ok_or_else(|| BackendError::Permanent(format!("volume {id} not found")))?;
-        let chain = self.chain(&manifest.layer)?;
-        let tip_path = self.layout.layer(&manifest.layer);
+        let chain = self.open_chain(&manifest.layer)?;
         let spec = VolumeSpec {
             id,
             chain: &chain,
-            tip_path: &tip_path,
             limits: manifest.limits,
         };
         let change = graph::ensure_exported(qmp, graph, &spec)
@@ -537,18 +548,91 @@ impl Inner {
         })
     }
 
+    /// Layer `tip`'s chain as the daemon opens it: files and, for encrypted layers, passphrases.
+    fn open_chain(&self, tip: &str) -> BackendResult<Vec<Layer>> {
+        self.chain(tip)?
+            .into_iter()
+            .map(|id| {
+                let key = match self.header(&id)?.encrypted {
+                    true => Some(self.layer_passphrase(&id)?),
+                    false => None,
+                };
+                Ok(Layer {
+                    path: self.layout.layer(&id),
+                    id,
+                    key,
+                })
+            })
+            .collect()
+    }
+
+    /// The wrapped passphrase of layer `layer` (which must be encrypted).
+    fn layer_key(&self, layer: &str) -> BackendResult<WrappedKey> {
+        match self.layout.read_layer_key(layer) {
+            Ok(Some(key)) => Ok(key.key),
+            Ok(None) => Err(BackendError::Permanent(format!(
+                "layer {layer} is encrypted but its key file is missing"
+            ))),
+            Err(e) => Err(io_error(&format!("reading the key of layer {layer}"), e)),
+        }
+    }
+
+    /// The passphrase of layer `layer` (which must be encrypted).
+    fn layer_passphrase(&self, layer: &str) -> BackendResult<Passphrase> {
+        self.kek
+            .unwrap(&self.layer_key(layer)?)
+            .map_err(|e| BackendError::Permanent(format!("layer {layer}: {e}")))
+    }
+
     fn read_volume(&self, id: &str) -> BackendResult<Option<VolumeManifest>> {
         self.layout
             .read_volume(id)
             .map_err(|e| io_error(&format!("reading volume {id}"), e))
     }
 
-    /// Creates layer `layer`: `size` bytes, over `backing` if given. The file appears under its
-    /// final name complete and durable, or not at all.
-    async fn create_layer(&self, layer: &str, size: u64, backing: Option<&str>) -> BackendResult<()> {
+    /// Creates layer `layer`: `size` bytes, over `backing` if given, encrypted with `key` if
+    /// given. The file appears under its final name complete and durable, or not at all; an
+    /// encrypted layer's key file is written first, so that a layer never lacks its key.
+    async fn create_layer(
+        &self,
+        layer: &str,
+        size: u64,
+        backing: Option<&str>,
+        key: Option<&WrappedKey>,
+    ) -> BackendResult<()> {
+        let passphrase = match key {
+            Some(key) => {
+                let passphrase = self
+                    .kek
+                    .unwrap(key)
+                    .map_err(|e| BackendError::Permanent(e.to_string()))?;
+                let (layout, id, record) = (
+                    self.layout.clone(),
+                    layer.to_string(),
+                    LayerKey { key: key.clone() },
+                );
+                blocking(move || layout.write_layer_key(&id, &record))
+                    .await
+                    .map_err(|e| io_error("writing a layer key", e))?;
+                Some(passphrase)
+            }
+            None => None,
+        };
+        let encryption = passphrase.as_ref().map(|passphrase| qcow2::Encryption {
+            passphrase,
+            iter_time_ms: self.settings.encryption_iter_time_ms,
+        });
         let temp = self.layout.temp_in(&self.layout.layers_dir());
         let backing = backing.map(layout::backing_name);
-        if let Err(err) = qcow2::create(&self.settings.qemu_img, &temp, size, backing.as_deref()).await {
+        if let Err(err) = qcow2::create(
+            &self.settings.qemu_img,
+            &temp,
+            size,
+            backing.as_deref(),
+            encryption,
+        )
+        .await
+        {
             let _ = fs::remove_file(&temp);
             return Err(BackendError::Transient(err));
         }
@@ -568,12 +652,12 @@ impl Inner {
     /// Creates volume `plan.id` (which has no manifest yet) and commits its manifest.
     async fn create_volume(&self, plan: &VolumePlan) -> BackendResult<VolumeManifest> {
         let requested = round_size(plan.size_bytes)?;
-        let (size, backing) = match &plan.source {
+        let (size, backing, key) = match &plan.source {
             Source::Empty => {
                 if requested == 0 {
                     return Err(BackendError::Permanent("a volume needs a size above 0".into()));
                 }
-                (requested, None)
+                (requested, None, plan.encryption.clone())
             }
             Source::Snapshot(snapshot) => {
                 check_id(snapshot)?;
@@ -582,14 +666,24 @@ impl Inner {
                     .read_snapshot(snapshot)
                     .map_err(|e| io_error(&format!("reading snapshot {snapshot}"), e))?
                     .ok_or_else(|| BackendError::Permanent(format!("snapshot {snapshot} not found")))?;
-                // The whole chain must be readable, or the clone would be born broken.
-                self.chain(&manifest.layer)?;
-                let size = self.header(&manifest.layer)?.size;
-                (requested.max(size), Some(manifest.layer))
+                // The whole chain must be readable (and its keys unwrap), or the clone would be
+                // born broken.
+                self.open_chain(&manifest.layer)?;
+                let header = self.header(&manifest.layer)?;
+                // A clone of an encrypted snapshot stays encrypted: with the key it was given
+                // (its own writes; the snapshot's data keeps the snapshot's key), else with the
+                // snapshot's. A clone of a plain snapshot given a key encrypts what it writes.
+                let key = match (&plan.encryption, header.encrypted) {
+                    (Some(key), _) => Some(key.clone()),
+                    (None, true) => Some(self.layer_key(&manifest.layer)?),
+                    (None, false) => None,
+                };
+                (requested.max(header.size), Some(manifest.layer), key)
             }
         };
         let layer = layout::new_layer_id();
-        self.create_layer(&layer, size, backing.as_deref()).await?;
+        self.create_layer(&layer, size, backing.as_deref(), key.as_ref())
+            .await?;
         let manifest = VolumeManifest {
             layer: layer.clone(),
             limits: plan.limits.into(),
@@ -603,7 +697,10 @@ impl Inner {
             return Err(io_error("committing the volume", err));
         }
         self.crash_point("volume-committed");
-        tracing::info!(volume = %plan.id, layer, size, source = ?plan.source, "volume created");
+        tracing::info!(
+            volume = %plan.id, layer, size, source = ?plan.source, encrypted = key.is_some(),
+            "volume created"
+        );
         Ok(manifest)
     }
 
@@ -616,6 +713,10 @@ impl Inner {
             .await
             .map_err(|e| io_error("scanning layers", e))?
             .map_err(|reason| BackendError::Permanent(format!("garbage collection skipped: {reason}")))?;
+        let layout = self.layout.clone();
+        blocking(move || remove_orphan_keys(&layout))
+            .await
+            .map_err(|e| io_error("removing orphan layer keys", e))?;
         if orphans.is_empty() {
             return Ok(0);
         }
@@ -639,10 +740,14 @@ impl Inner {
         let count = orphans.len();
         blocking(move || {
             for layer in &orphans {
-                match fs::remove_file(layout.layer(layer)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => tracing::debug!(layer, "orphan layer removed"),
+                // The layer before its key: a layer on disk always has its key.
+                for path in [layout.layer(layer), layout.layer_key(layer)] {
+                    match fs::remove_file(path) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
                 }
+                tracing::debug!(layer, "orphan layer removed");
             }
             layout::sync_dir(&layout.layers_dir())
         })
@@ -662,6 +767,23 @@ impl Inner {
             secret_data: BTreeMap::new(),
         }
     }
+}
+
+/// Removes key files whose layer does not exist (a creation interrupted between the key and
+/// the layer).
+fn remove_orphan_keys(layout: &Layout) -> io::Result<()> {
+    let layers: HashSet<String> = layout.list_layers()?.into_iter().collect();
+    let mut removed = false;
+    for key in layout.list_layer_keys()? {
+        if !layers.contains(&key) {
+            fs::remove_file(layout.layer_key(&key))?;
+            removed = true;
+        }
+    }
+    if removed {
+        layout::sync_dir(&layout.layers_dir())?;
+    }
+    Ok(())
 }
 
 /// The layers no manifest reaches, each before the layers below it; `Err(reason)` when that
@@ -856,9 +978,25 @@ impl Backend for LocalBackend {
         // completes a switch an earlier attempt left undone.
         let qmp = inner.ensure_served(&mut state, volume_id, &manifest).await?;
         let frozen = manifest.layer.clone();
-        let size = inner.header(&frozen)?.size;
+        let header = inner.header(&frozen)?;
+        let size = header.size;
+        // The volume goes on with the key it had: its new writes stay encrypted alike.
+        let key = match header.encrypted {
+            true => Some(inner.layer_key(&frozen)?),
+            false => None,
+        };
         let overlay = layout::new_layer_id();
-        inner.create_layer(&overlay, size, Some(&frozen)).await?;
+        inner
+            .create_layer(&overlay, size, Some(&frozen), key.as_ref())
+            .await?;
+        let overlay_layer = Layer {
+            path: inner.layout.layer(&overlay),
+            id: overlay.clone(),
+            key: match &key {
+                Some(_) => Some(inner.layer_passphrase(&overlay)?),
+                None => None,
+            },
+        };
         // Commit point: from here on the overlay is the volume's active layer, whether the
         // daemon has switched to it or not (ensure_volume and the start complete the switch).
         let switched = VolumeManifest {
@@ -877,15 +1015,9 @@ impl Backend for LocalBackend {
         inner.crash_point("snapshot-tip-committed");
         // blockdev-snapshot drains and flushes the old tip and moves the export onto the
         // overlay atomically: the frozen layer is a crash-consistent point in time.
-        graph::switch_to_overlay(
-            &qmp,
-            &mut Graph::default(),
-            &frozen,
-            &overlay,
-            &inner.layout.layer(&overlay),
-        )
-        .await
-        .map_err(|e| qmp_error("blockdev-snapshot", e))?;
+        graph::switch_to_overlay(&qmp, &mut Graph::default(), &frozen, &overlay_layer)
+            .await
+            .map_err(|e| qmp_error("blockdev-snapshot", e))?;
         state.served.insert(
             volume_id.to_string(),
             Served {

@@ -451,8 +451,8 @@ impl Reconciler {
     /// source snapshot; once provisioned, the snapshot may go.
     fn volume_source(&self, record: &VolumeRecord) -> SourceState {
         let data_source = record.spec.as_ref().and_then(|s| s.volume_data_source.as_ref());
-        if data_source.is_some_and(|d| d.image_data_source.is_some()) {
-            return SourceState::Gone("image data sources are not supported yet".to_string());
+        if let Some(image) = data_source.and_then(|d| d.image_data_source.as_ref()) {
+            return SourceState::Ready(Source::Image(image.image.clone()));
         }
         let Some(snapshot_id) = record.source_snapshot() else {
             return SourceState::Ready(Source::Empty);

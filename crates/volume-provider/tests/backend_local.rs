@@ -64,7 +64,7 @@ impl Env {
     /// Files under layers/, volumes/ and snapshots/ (names relative to the data directory).
     fn files(&self) -> BTreeSet<String> {
         let mut files = BTreeSet::new();
-        for dir in ["layers", "volumes", "snapshots"] {
+        for dir in ["layers", "volumes", "snapshots", "images"] {
             for entry in fs::read_dir(self.path().join(dir)).unwrap() {
                 files.insert(format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy()));
             }
@@ -1598,4 +1598,192 @@ async fn finish_interrupted(backend: &LocalBackend, env: &Env, found: &Model, la
         other => panic!("the crash was not inside an operation: {other}"),
     }
     assert_no_orphans(&env.path());
+}
+
+/// A one-file HTTP server: answers the first `failures` requests with 503, then serves `body`.
+/// Returns its URL base and a counter of requests served with the body.
+fn serve_http(body: Vec<u8>, failures: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::{io::Read, sync::atomic::Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen += 1;
+            let _ = if seen <= failures {
+                stream.write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+            } else {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                stream
+                    .write_all(head.as_bytes())
+                    .and_then(|()| stream.write_all(&body))
+            };
+        }
+    });
+    (base, served)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(bytes)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_from_images_share_one_fetched_copy() {
+    use std::sync::atomic::Ordering;
+
+    let env = Env::new();
+    let sources = env.dir.path().join("images-src");
+    fs::create_dir_all(&sources).unwrap();
+    // A raw image: 3 MiB, the first MiB 0x77, the rest zeroes.
+    let mut raw = vec![0x77u8; MIB as usize];
+    raw.resize(3 * MIB as usize, 0);
+    fs::write(sources.join("os.raw"), &raw).unwrap();
+    // A qcow2 image that names a backing file: refused, it would read host files.
+    let hostile = sources.join("hostile.qcow2");
+    let status = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/etc/hostname",
+            "-F",
+            "raw",
+        ])
+        .arg(&hostile)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::fs::symlink("/etc/hostname", sources.join("escape.raw")).unwrap();
+
+    let settings = LocalSettings {
+        image_dirs: vec![sources.clone()],
+        ..LocalSettings::default()
+    };
+    let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
+    let image = |id: &str, reference: &str, size: u64| plan(id, size, Source::Image(reference.to_string()));
+    let file_ref = format!("file://{}", sources.join("os.raw").display());
+
+    let (a, b) = (new_id(), new_id());
+    let pa = backend
+        .ensure_volume(&image(&a, &file_ref, 8 * MIB))
+        .await
+        .unwrap();
+    let pb = backend.ensure_volume(&image(&b, &file_ref, MIB)).await.unwrap();
+    assert_eq!(pa.size_bytes, 8 * MIB);
+    assert_eq!(pb.size_bytes, 3 * MIB, "never smaller than the image");
+    for p in [&pa, &pb] {
+        assert!(has(&uri(p), 0x77, 0, MIB) && has(&uri(p), 0, MIB, 2 * MIB));
+    }
+    write(&uri(&pa), 0x11, 0, MIB);
+    assert!(
+        has(&uri(&pb), 0x77, 0, MIB),
+        "volumes of one image do not share writes"
+    );
+    // One image layer (read-only) under two volume layers.
+    assert_eq!(env.layers(), 3);
+    let cached: Vec<String> = env
+        .files()
+        .into_iter()
+        .filter(|f| f.starts_with("images/"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+
+    // Refused images leave nothing behind, and say why.
+    for (reference, why) in [
+        (format!("file://{}", hostile.display()), "backing file"),
+        (
+            format!("file://{}", sources.join("escape.raw").display()),
+            "outside the image directories",
+        ),
+        (
+            format!("file://{}", sources.join("missing.raw").display()),
+            "No such file",
+        ),
+    ] {
+        let err = backend
+            .ensure_volume(&image(&new_id(), &reference, MIB))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{reference}: {err}");
+    }
+    assert_eq!(env.layers(), 3);
+
+    // http: a failed fetch is retried (not remembered), then the image is fetched once.
+    let (base, served) = serve_http(raw.clone(), 1);
+    let url = format!("{base}/os.raw#sha256={}", sha256_hex(&raw));
+    let c = new_id();
+    let err = backend
+        .ensure_volume(&image(&c, &url, 4 * MIB))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Transient(m) if m.contains("503")),
+        "{err:?}"
+    );
+    let pc = backend.ensure_volume(&image(&c, &url, 4 * MIB)).await.unwrap();
+    assert!(has(&uri(&pc), 0x77, 0, MIB));
+    let d = new_id();
+    backend.ensure_volume(&image(&d, &url, 4 * MIB)).await.unwrap();
+    assert_eq!(served.load(Ordering::SeqCst), 1, "fetched once for two volumes");
+    let wrong = format!("{base}/os.raw#sha256={}", "0".repeat(64));
+    let err = backend
+        .ensure_volume(&image(&new_id(), &wrong, 4 * MIB))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pins"), "{err}");
+    let fetches = served.load(Ordering::SeqCst);
+
+    // Images stay cached when their volumes go, and across restarts; an encrypted volume can
+    // sit on a plain image.
+    for id in [&a, &b, &c, &d] {
+        backend.delete_volume(id).await.unwrap();
+    }
+    backend.stop_daemon().await.unwrap();
+    drop(backend);
+    let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
+    let e = new_id();
+    let pe = backend
+        .ensure_volume(&VolumePlan {
+            encryption: Some(kek().wrap(&Passphrase::new(b"image-volume".to_vec()))),
+            ..image(&e, &url, 4 * MIB)
+        })
+        .await
+        .unwrap();
+    assert!(has(&uri(&pe), 0x77, 0, MIB));
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        fetches,
+        "the cached image is used after a restart"
+    );
+    backend.stop_daemon().await.unwrap();
 }

@@ -2,7 +2,8 @@
 //! The IRI conformance suite against the real `iri-volume-provider` binary: profiles core, data-plane,
 //! expand, snapshots and encryption must pass without a single failure. Needs qemu-utils.
 //!
-//! Not run here: image data sources (rejected as not supported yet), restart
+//! Volumes from images use a raw file in an image directory the provider is configured with.
+//! Not run here: restart
 //! (covered by `tests/provider.rs`, which can restart the process itself), scale.
 
 use std::{
@@ -22,7 +23,19 @@ async fn conformance_core_expand_snapshots() {
     let data_dir = dir.path().join("data");
     let socket = dir.path().join("volume.sock");
     let log = dir.path().join("provider.log");
+    // An image for the create-from-image test, in a directory the provider may read images from.
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).expect("image dir");
+    std::fs::write(images.join("os.raw"), vec![0x42u8; 1 << 20]).expect("image");
+    let provider_config = dir.path().join("provider.toml");
+    std::fs::write(
+        &provider_config,
+        format!("[local]\nimage_dirs = [{:?}]\n", images.display().to_string()),
+    )
+    .expect("provider config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_iri-volume-provider"))
+        .arg("--config")
+        .arg(&provider_config)
         .arg("--data-dir")
         .arg(&data_dir)
         .arg("--address")
@@ -60,6 +73,7 @@ async fn conformance_core_expand_snapshots() {
     config.timeouts.ready_seconds = 60;
     config.timeouts.delete_seconds = 60;
     config.volume.size_bytes = 64 << 20;
+    config.volume.image = format!("file://{}", images.join("os.raw").display());
     let profiles = [
         Profile::Core,
         Profile::Expand,
@@ -98,6 +112,13 @@ async fn conformance_core_expand_snapshots() {
             )),
         }
     }
+    assert!(
+        report
+            .tests
+            .iter()
+            .any(|t| t.name.ends_with("volume_from_image") && t.outcome == Outcome::Passed),
+        "the create-from-image test must run and pass"
+    );
     assert!(
         problems.is_empty(),
         "{}\n\nprovider log:\n{}",

@@ -684,7 +684,7 @@ async fn errors_follow_the_contract() {
                 ..spec(GIB)
             },
             invalid,
-            "image data sources are not supported yet",
+            "OCI references are not yet",
         ),
         (
             VolumeSpec {

@@ -29,7 +29,7 @@ use dataplane::{export_reads_and_writes, snapshot_keeps_point_in_time_data};
 use features::{
     encryption_round_trip, expand_grows, expand_invalid_requests, expand_rejects_shrink,
     snapshot_delete_keeps_restored, snapshot_invalid_requests, snapshot_lifecycle, snapshot_repeated_delete,
-    snapshot_restore, snapshot_survives_source,
+    snapshot_restore, snapshot_survives_source, volume_from_image,
 };
 
 use crate::{
@@ -153,7 +153,15 @@ pub fn cases() -> Vec<TestCase> {
             Encryption,
             false,
             encryption_round_trip,
-            "an encrypted volume becomes available; its spec, secret bytes included, round-trips"
+            "an encrypted volume becomes available; its spec round-trips (the secret may be withheld)"
+        ),
+        test_case!(
+            Volume,
+            Lifecycle,
+            Core,
+            false,
+            volume_from_image,
+            "a volume created from the configured image becomes available, at least as large as asked"
         ),
         // Idempotence.
         test_case!(

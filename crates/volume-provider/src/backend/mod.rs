@@ -17,6 +17,8 @@ pub enum Source {
     Empty,
     /// A copy-on-write clone of a snapshot the backend holds.
     Snapshot(String),
+    /// A copy-on-write clone of an image (a reference the backend fetches once and keeps).
+    Image(String),
 }
 
 /// Class limits, enforced on the data path.

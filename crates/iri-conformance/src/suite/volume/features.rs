@@ -571,6 +571,67 @@ pub(crate) async fn snapshot_invalid_requests(ctx: &mut Ctx) -> TestResult {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Images
+// ---------------------------------------------------------------------------------------------
+
+/// A volume from `volume.image` (config) becomes available with at least the requested size,
+/// and its spec, image reference included, round-trips.
+pub(crate) async fn volume_from_image(ctx: &mut Ctx) -> TestResult {
+    let image = ctx.config.volume.image.clone();
+    if image.is_empty() {
+        return Err(TestError::skip(
+            "no image configured: set volume.image in the config file to test volumes from images",
+        ));
+    }
+    let class = fixtures::class(ctx).await?;
+    let size = fixtures::size(ctx);
+    let spec = iri_api::volume::v1alpha1::VolumeSpec {
+        volume_data_source: Some(iri_api::volume::v1alpha1::VolumeDataSource {
+            image_data_source: Some(iri_api::volume::v1alpha1::ImageDataSource {
+                image,
+                architecture: "amd64".into(),
+            }),
+            snapshot_data_source: None,
+        }),
+        ..fixtures::spec(class_name(&class), size)
+    };
+    let labels = ctx.labels(&[]);
+    let request = CreateVolumeRequest {
+        volume: Some(Volume {
+            metadata: Some(fixtures::metadata(labels.clone(), BTreeMap::new())),
+            spec: Some(spec.clone()),
+            status: None,
+        }),
+    };
+    let created = fixtures::create(ctx, request).await?;
+    check_volume_round_trip(
+        "CreateVolume (from image)",
+        &created,
+        &labels,
+        &BTreeMap::new(),
+        &spec,
+    )?;
+    let available = fixtures::wait_available(ctx, id(&created)).await?;
+    check_volume_round_trip(
+        "ListVolumes (from image, available)",
+        &available,
+        &labels,
+        &BTreeMap::new(),
+        &spec,
+    )?;
+    let served = available
+        .status
+        .as_ref()
+        .and_then(|s| s.resources.as_ref())
+        .map_or(0, |r| r.storage_bytes);
+    ensure!(
+        served >= size,
+        "a volume from an image serves {served} bytes, less than the {size} requested"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Encryption
 // ---------------------------------------------------------------------------------------------
 

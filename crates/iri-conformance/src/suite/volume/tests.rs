@@ -36,6 +36,8 @@ fn config() -> Config {
     config.timeouts.delete_seconds = 10;
     config.scale.objects = 50;
     config.hooks.restart = "true".to_string();
+    // The reference runtime takes any image reference.
+    config.volume.image = "registry.example/os-images/test:1".to_string();
     config
 }
 

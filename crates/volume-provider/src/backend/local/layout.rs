@@ -8,6 +8,7 @@
 //! <dir>/layers/<layer>.key      an encrypted layer's passphrase, wrapped with the provider's KEK
 //! <dir>/volumes/<volume>.json   manifest: which layer is the volume's active layer, its limits
 //! <dir>/snapshots/<snap>.json   manifest: which frozen layer is the snapshot
+//! <dir>/images/<key>.json       manifest: which layer holds the image fetched from a reference
 //! ```
 //!
 //! A file the storage daemon has open is never renamed, so the file names in the daemon's block
@@ -116,6 +117,29 @@ pub(super) struct SnapshotManifest {
     pub volume: String,
 }
 
+/// `images/<key>.json` (key: SHA-256 of the reference): an image fetched once, kept as a
+/// read-only layer that the volumes created from it share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct ImageManifest {
+    /// The reference it was fetched from.
+    pub reference: String,
+    /// The layer holding it (qcow2, no backing file).
+    pub layer: String,
+    /// SHA-256 of the fetched content, when computed.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The image's virtual size.
+    pub size: u64,
+}
+
+/// Whether `key` is an image cache key (64 lowercase hex characters).
+pub(super) fn valid_image_key(key: &str) -> bool {
+    key.len() == 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// `layers/<layer>.key`: what opens an encrypted layer. Written before its layer, removed after
 /// it, so that a layer on disk always has its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +171,7 @@ impl Layout {
             self.layers_dir(),
             self.volumes_dir(),
             self.snapshots_dir(),
+            self.images_dir(),
         ] {
             builder.create(&dir)?;
             // An existing directory keeps its mode otherwise; sockets and data must not be
@@ -206,6 +231,31 @@ impl Layout {
         self.layers_dir().join(format!("{id}.qcow2"))
     }
 
+    /// The image manifests and downloads.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// Image `key`'s manifest.
+    pub fn image(&self, key: &str) -> PathBuf {
+        self.images_dir().join(format!("{key}.json"))
+    }
+
+    /// Image keys that have a manifest.
+    pub fn list_images(&self) -> io::Result<Vec<String>> {
+        list_ids(&self.images_dir(), ".json", valid_image_key)
+    }
+
+    /// Image `key`'s manifest, if it has one.
+    pub fn read_image(&self, key: &str) -> io::Result<Option<ImageManifest>> {
+        read_json(&self.image(key))
+    }
+
+    /// Commits image `key`'s manifest.
+    pub fn write_image(&self, key: &str, manifest: &ImageManifest) -> io::Result<()> {
+        self.write_json(&self.images_dir(), &self.image(key), manifest)
+    }
+
     /// Layer `id`'s key file (encrypted layers only).
     pub fn layer_key(&self, id: &str) -> PathBuf {
         self.layers_dir().join(format!("{id}.key"))
@@ -249,7 +299,12 @@ impl Layout {
     /// Removes the temporary files interrupted writes left behind; returns how many.
     pub fn remove_temp_files(&self) -> io::Result<usize> {
         let mut removed = 0;
-        for dir in [self.layers_dir(), self.volumes_dir(), self.snapshots_dir()] {
+        for dir in [
+            self.layers_dir(),
+            self.volumes_dir(),
+            self.snapshots_dir(),
+            self.images_dir(),
+        ] {
             for entry in fs::read_dir(&dir)? {
                 let entry = entry?;
                 if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {

@@ -30,6 +30,7 @@
 
 mod daemon;
 mod graph;
+mod images;
 mod layout;
 mod qcow2;
 
@@ -54,7 +55,7 @@ use serde_json::Value;
 use self::{
     daemon::Daemon,
     graph::{Change, Graph, Layer, VolumeSpec},
-    layout::{LayerKey, Layout, StoredLimits, VolumeManifest},
+    layout::{ImageManifest, LayerKey, Layout, StoredLimits, VolumeManifest},
 };
 use super::{Access, Backend, BackendError, BackendResult, Inventory, Provisioned, Source, VolumePlan};
 use crate::keys::{Kek, Passphrase, WrappedKey};
@@ -88,6 +89,9 @@ pub struct LocalSettings {
     pub qemu_storage_daemon: PathBuf,
     /// The qemu-img binary (creates qcow2 files).
     pub qemu_img: PathBuf,
+    /// Directories that `file://` image references may point into (none: `file://` is
+    /// refused). Requests must not make the provider read arbitrary host files.
+    pub image_dirs: Vec<PathBuf>,
     /// Milliseconds of PBKDF2 work in the LUKS key slot of each encrypted layer; every open of
     /// the layer (each start, each daemon restart) costs about as much.
     pub encryption_iter_time_ms: u64,
@@ -103,10 +107,17 @@ impl Default for LocalSettings {
         LocalSettings {
             qemu_storage_daemon: PathBuf::from("qemu-storage-daemon"),
             qemu_img: PathBuf::from("qemu-img"),
+            image_dirs: Vec::new(),
             encryption_iter_time_ms: 200,
             crash_at: None,
         }
     }
+}
+
+/// Checks an image reference the way the backend will (`image_dirs` from [`LocalSettings`]);
+/// the error says what is wrong with it.
+pub fn check_image_reference(reference: &str, image_dirs: &[PathBuf]) -> Result<(), String> {
+    images::parse(reference, image_dirs).map(drop)
 }
 
 /// The `local` backend.
@@ -138,6 +149,9 @@ struct Inner {
     settings: LocalSettings,
     /// Unwraps the passphrases of encrypted layers.
     kek: Arc<Kek>,
+    /// One lock per image being fetched: concurrent volumes of one image fetch it once, and a
+    /// fetch never holds up operations on other volumes.
+    image_fetches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The NBD socket path, escaped for the query of an NBD URI.
     uri_socket: String,
     /// Serializes every change of files or of the daemon's graph, and the daemon restart.
@@ -199,6 +213,7 @@ impl LocalBackend {
             layout,
             settings: settings.clone(),
             kek,
+            image_fetches: Mutex::default(),
             state: tokio::sync::Mutex::new(State::default()),
             daemon: Mutex::new(Some(daemon)),
             stopped: AtomicBool::new(false),
@@ -548,6 +563,87 @@ impl Inner {
         })
     }
 
+    /// The image `reference` as a layer: from the cache, or fetched, checked and converted now.
+    /// Runs without the state lock (a download may take long) except for the commit.
+    async fn ensure_image(&self, reference: &str) -> BackendResult<ImageManifest> {
+        let key = images::cache_key(reference);
+        let lock = self
+            .image_fetches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _fetching = lock.lock().await;
+        let cached = |inner: &Inner| -> BackendResult<Option<ImageManifest>> {
+            match inner.layout.read_image(&key) {
+                Ok(Some(image)) if inner.layout.layer(&image.layer).exists() => Ok(Some(image)),
+                Ok(_) => Ok(None),
+                Err(e) => Err(io_error("reading an image manifest", e)),
+            }
+        };
+        if let Some(image) = cached(self)? {
+            return Ok(image);
+        }
+        let source = images::parse(reference, &self.settings.image_dirs)
+            .map_err(|e| BackendError::Permanent(format!("image {reference:?}: {e}")))?;
+        let download = self.layout.temp_in(&self.layout.images_dir());
+        let dirs = self.settings.image_dirs.clone();
+        let (fetch_source, fetch_download) = (source.clone(), download.clone());
+        let started = Instant::now();
+        // Every fetch failure is worth retrying: the server may come back, the file may
+        // appear; nothing of this attempt is remembered.
+        let fetched =
+            tokio::task::spawn_blocking(move || images::fetch(&fetch_source, &fetch_download, &dirs))
+                .await
+                .map_err(|e| BackendError::Transient(format!("image fetch task: {e}")))?
+                .map_err(|e| BackendError::Transient(format!("fetching image {reference:?}: {e}")))?;
+        let layer = layout::new_layer_id();
+        let temp = self.layout.temp_in(&self.layout.layers_dir());
+        let converted = images::convert(&self.settings.qemu_img, &fetched.path, &temp).await;
+        if fetched.temporary {
+            let _ = fs::remove_file(&fetched.path);
+        }
+        let size = match converted {
+            Ok(size) => size,
+            Err(err) => {
+                let _ = fs::remove_file(&temp);
+                return Err(BackendError::Transient(format!("image {reference:?}: {err}")));
+            }
+        };
+        let manifest = ImageManifest {
+            reference: reference.to_string(),
+            layer: layer.clone(),
+            sha256: fetched.sha256,
+            size,
+        };
+        // The commit: under the state lock, so that garbage collection never sees the layer
+        // without the manifest that references it.
+        let _state = self.state.lock().await;
+        let (layout, key2, m, path) = (
+            self.layout.clone(),
+            key.clone(),
+            manifest.clone(),
+            self.layout.layer(&layer),
+        );
+        let committed = blocking(move || {
+            layout::install(&temp, &path)?;
+            // Shared by every volume of the image: nothing may write to it.
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+            layout.write_image(&key2, &m)
+        })
+        .await;
+        if let Err(err) = committed {
+            let _ = fs::remove_file(self.layout.layer(&layer));
+            return Err(io_error("committing an image", err));
+        }
+        tracing::info!(
+            image = reference, layer, size, sha256 = ?manifest.sha256,
+            seconds = started.elapsed().as_secs_f64(), "image fetched"
+        );
+        Ok(manifest)
+    }
+
     /// Layer `tip`'s chain as the daemon opens it: files and, for encrypted layers, passphrases.
     fn open_chain(&self, tip: &str) -> BackendResult<Vec<Layer>> {
         self.chain(tip)?
@@ -650,7 +746,11 @@ impl Inner {
     }
 
     /// Creates volume `plan.id` (which has no manifest yet) and commits its manifest.
-    async fn create_volume(&self, plan: &VolumePlan) -> BackendResult<VolumeManifest> {
+    async fn create_volume(
+        &self,
+        plan: &VolumePlan,
+        image: Option<&ImageManifest>,
+    ) -> BackendResult<VolumeManifest> {
         let requested = round_size(plan.size_bytes)?;
         let (size, backing, key) = match &plan.source {
             Source::Empty => {
@@ -679,6 +779,14 @@ impl Inner {
                     (None, false) => None,
                 };
                 (requested.max(header.size), Some(manifest.layer), key)
+            }
+            Source::Image(reference) => {
+                let image = image.ok_or_else(|| {
+                    BackendError::Transient(format!("image {reference:?} is not fetched yet"))
+                })?;
+                // Never smaller than the image: the guest sees all of it and room to grow.
+                let size = requested.max(round_size(image.size)?);
+                (size, Some(image.layer.clone()), plan.encryption.clone())
             }
         };
         let layer = layout::new_layer_id();
@@ -805,6 +913,14 @@ fn orphan_layers(layout: &Layout) -> io::Result<Result<Vec<String>, String>> {
             Err(e) => return Ok(Err(format!("snapshot {id}: {e}"))),
         }
     }
+    // Images stay cached (fetched once) whether a volume uses them or not.
+    for key in layout.list_images()? {
+        match layout.read_image(&key) {
+            Ok(Some(manifest)) => roots.push(manifest.layer),
+            Ok(None) => {}
+            Err(e) => return Ok(Err(format!("image {key}: {e}"))),
+        }
+    }
     let backing_of = |layer: &str| -> Result<Option<String>, String> {
         let header = qcow2::read_header(&layout.layer(layer)).map_err(|e| format!("layer {layer}: {e}"))?;
         match header.backing {
@@ -856,6 +972,12 @@ impl Backend for LocalBackend {
     async fn ensure_volume(&self, plan: &VolumePlan) -> BackendResult<Provisioned> {
         check_id(&plan.id)?;
         let inner = &self.inner;
+        let image = match &plan.source {
+            Source::Image(reference) if inner.read_volume(&plan.id)?.is_none() => {
+                Some(inner.ensure_image(reference).await?)
+            }
+            _ => None,
+        };
         let mut state = inner.state.lock().await;
         let manifest = match inner.read_volume(&plan.id)? {
             Some(mut manifest) => {
@@ -869,7 +991,7 @@ impl Backend for LocalBackend {
                 }
                 manifest
             }
-            None => inner.create_volume(plan).await?,
+            None => inner.create_volume(plan, image.as_ref()).await?,
         };
         inner.ensure_served(&mut state, &plan.id, &manifest).await?;
         let size = inner.header(&manifest.layer)?.size;

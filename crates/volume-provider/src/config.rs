@@ -114,6 +114,29 @@ impl Config {
         if self.resync_seconds == 0 {
             return Err(Error::invalid("resync_seconds", "must be at least 1"));
         }
+        let listen = self.local.tcp_listen.as_str();
+        if !listen.is_empty() {
+            let Ok(address) = listen.parse::<std::net::SocketAddr>() else {
+                return Err(Error::invalid(
+                    "local.tcp_listen",
+                    format!("{listen:?} is not ip:port (e.g. 0.0.0.0:10809)"),
+                ));
+            };
+            if address.ip().is_unspecified() && self.local.tcp_advertise.is_empty() {
+                return Err(Error::invalid(
+                    "local.tcp_advertise",
+                    format!("{listen} listens on every address: say which host:port clients should use"),
+                ));
+            }
+        }
+        for (i, dir) in self.local.image_dirs.iter().enumerate() {
+            if !dir.is_absolute() {
+                return Err(Error::invalid(
+                    format!("local.image_dirs[{i}]"),
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -160,5 +183,34 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().unwrap_err().to_string().contains("workers"));
+    }
+
+    #[test]
+    fn bad_local_settings_are_named() {
+        let with = |f: &dyn Fn(&mut LocalSettings)| {
+            let mut config = Config::default();
+            f(&mut config.local);
+            config.validate().map_err(|e| e.to_string())
+        };
+        assert!(
+            with(&|l| l.tcp_listen = "nope".into())
+                .unwrap_err()
+                .contains("local.tcp_listen")
+        );
+        assert!(
+            with(&|l| l.tcp_listen = "0.0.0.0:10809".into())
+                .unwrap_err()
+                .contains("local.tcp_advertise")
+        );
+        with(&|l| {
+            l.tcp_listen = "0.0.0.0:10809".into();
+            l.tcp_advertise = "node-1.example:10809".into();
+        })
+        .unwrap();
+        assert!(
+            with(&|l| l.image_dirs = vec!["images".into()])
+                .unwrap_err()
+                .contains("local.image_dirs[0]")
+        );
     }
 }

@@ -1787,3 +1787,107 @@ async fn volumes_from_images_share_one_fetched_copy() {
     );
     backend.stop_daemon().await.unwrap();
 }
+
+/// qemu-io over NBD with TLS, with the client credentials in `creds` (QEMU's file names).
+fn qemu_io_tls(creds: &Path, host_port: &str, export: &str, command: &str) -> Result<String, String> {
+    let (host, port) = host_port.rsplit_once(':').unwrap();
+    let out = Command::new("qemu-io")
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            creds.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},\
+             tls-creds=tls0,tls-hostname={}",
+            volume_provider::backend::local::TLS_HOSTNAME
+        ))
+        .args(["-c", command])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && !text.contains("failed") {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_clients_use_nbd_over_tls_with_client_certificates() {
+    let env = Env::new();
+    let settings = LocalSettings {
+        tcp_listen: "127.0.0.1:0".into(),
+        ..LocalSettings::default()
+    };
+    let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
+    let id = new_id();
+    let p = backend
+        .ensure_volume(&plan(&id, 8 * MIB, Source::Empty))
+        .await
+        .unwrap();
+    let tcp_uri = &p.access.attributes["tcp_uri"];
+    let address = tcp_uri
+        .strip_prefix("nbd://")
+        .and_then(|rest| rest.strip_suffix(&format!("/{id}")))
+        .unwrap_or_else(|| panic!("{tcp_uri}"));
+
+    // What a machine provider on another host does with the access: QEMU's credential files.
+    let creds = env.dir.path().join("client-creds");
+    fs::create_dir_all(&creds).unwrap();
+    fs::write(creds.join("ca-cert.pem"), &p.access.attributes["tls_ca_cert"]).unwrap();
+    fs::write(
+        creds.join("client-cert.pem"),
+        &p.access.secret_data["tls_client_cert"],
+    )
+    .unwrap();
+    fs::write(
+        creds.join("client-key.pem"),
+        &p.access.secret_data["tls_client_key"],
+    )
+    .unwrap();
+    qemu_io_tls(&creds, address, &id, "write -P 0x61 0 1M").unwrap();
+    assert!(has(&uri(&p), 0x61, 0, MIB), "one volume, reachable both ways");
+    write(&uri(&p), 0x62, MIB, MIB);
+    qemu_io_tls(&creds, address, &id, &format!("read -P 0x62 {MIB} {MIB}")).unwrap();
+
+    // Plaintext clients and clients without a certificate are refused.
+    let plain = qemu_io(&format!("nbd://{address}/{id}"), &["read 0 4k"]).unwrap_err();
+    assert!(plain.contains("TLS") || plain.contains("tls"), "{plain}");
+    let anonymous = env.dir.path().join("anonymous");
+    fs::create_dir_all(&anonymous).unwrap();
+    fs::copy(creds.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    assert!(qemu_io_tls(&anonymous, address, &id, "read 0 4k").is_err());
+
+    // Keys are private; a restart keeps the same certificates.
+    for key in ["server-key.pem", "client-key.pem"] {
+        let mode = fs::metadata(env.path().join("tls").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    backend.stop_daemon().await.unwrap();
+    drop(backend);
+    let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
+    let again = backend
+        .ensure_volume(&plan(&id, 8 * MIB, Source::Empty))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.access.attributes["tls_ca_cert"],
+        p.access.attributes["tls_ca_cert"]
+    );
+    let address = again.access.attributes["tcp_uri"]
+        .strip_prefix("nbd://")
+        .and_then(|rest| rest.strip_suffix(&format!("/{id}")))
+        .unwrap()
+        .to_string();
+    qemu_io_tls(&creds, &address, &id, "read -P 0x61 0 1M").unwrap();
+    backend.stop_daemon().await.unwrap();
+}

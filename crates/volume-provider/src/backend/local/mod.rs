@@ -33,6 +33,9 @@ mod graph;
 mod images;
 mod layout;
 mod qcow2;
+mod tcp;
+
+pub use tcp::TLS_HOSTNAME;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -89,6 +92,12 @@ pub struct LocalSettings {
     pub qemu_storage_daemon: PathBuf,
     /// The qemu-img binary (creates qcow2 files).
     pub qemu_img: PathBuf,
+    /// Where to serve NBD over TCP with TLS for machines on other hosts (`ip:port`); empty:
+    /// only the local unix socket.
+    pub tcp_listen: String,
+    /// The `host:port` remote clients use to reach `tcp_listen` (its host goes into the server
+    /// certificate); empty: the listen address.
+    pub tcp_advertise: String,
     /// Directories that `file://` image references may point into (none: `file://` is
     /// refused). Requests must not make the provider read arbitrary host files.
     pub image_dirs: Vec<PathBuf>,
@@ -107,6 +116,8 @@ impl Default for LocalSettings {
         LocalSettings {
             qemu_storage_daemon: PathBuf::from("qemu-storage-daemon"),
             qemu_img: PathBuf::from("qemu-img"),
+            tcp_listen: String::new(),
+            tcp_advertise: String::new(),
             image_dirs: Vec::new(),
             encryption_iter_time_ms: 200,
             crash_at: None,
@@ -149,6 +160,8 @@ struct Inner {
     settings: LocalSettings,
     /// Unwraps the passphrases of encrypted layers.
     kek: Arc<Kek>,
+    /// NBD over TCP with TLS, when configured.
+    tls: Option<tcp::TlsEndpoint>,
     /// One lock per image being fetched: concurrent volumes of one image fetch it once, and a
     /// fetch never holds up operations on other volumes.
     image_fetches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -207,12 +220,25 @@ impl LocalBackend {
             .map_err(|e| setup("creating the directories of", e))?;
         let lock = lock_dir(&layout).await?;
         let (daemon, origin) = daemon::start_or_adopt(&layout, &settings.qemu_storage_daemon).await?;
+        let tls = match settings.tcp_listen.as_str() {
+            "" => None,
+            listen => Some(
+                tcp::start(
+                    listen,
+                    &settings.tcp_advertise,
+                    &layout.root().join("tls"),
+                    layout.nbd_socket(),
+                )
+                .await?,
+            ),
+        };
         tracing::info!(dir = %root.display(), pid = daemon.pid, ?origin, "backend local started");
         let inner = Arc::new(Inner {
             uri_socket: uri_escape(&layout.nbd_socket().display().to_string()),
             layout,
             settings: settings.clone(),
             kek,
+            tls,
             image_fetches: Mutex::default(),
             state: tokio::sync::Mutex::new(State::default()),
             daemon: Mutex::new(Some(daemon)),
@@ -865,7 +891,7 @@ impl Inner {
     }
 
     fn access(&self, id: &str) -> Access {
-        Access {
+        let mut access = Access {
             driver: "nbd".into(),
             handle: id[..16].to_string(),
             attributes: BTreeMap::from([(
@@ -873,7 +899,26 @@ impl Inner {
                 format!("nbd+unix:///{id}?socket={}", self.uri_socket),
             )]),
             secret_data: BTreeMap::new(),
+        };
+        if let Some(tls) = &self.tls {
+            let tls = &tls.access;
+            access
+                .attributes
+                .insert("tcp_uri".into(), format!("nbd://{}/{id}", tls.address));
+            access
+                .attributes
+                .insert("tls_hostname".into(), TLS_HOSTNAME.into());
+            access
+                .attributes
+                .insert("tls_ca_cert".into(), tls.ca_cert.clone());
+            access
+                .secret_data
+                .insert("tls_client_cert".into(), tls.client_cert.clone().into_bytes());
+            access
+                .secret_data
+                .insert("tls_client_key".into(), tls.client_key.clone().into_bytes());
         }
+        access
     }
 }
 

@@ -17,3 +17,7 @@ install_packages() {
 
 # What the providers drive: qemu-storage-daemon, qemu-img and qemu-io.
 RUNTIME_PACKAGES=(qemu-utils)
+
+# What only the tests need: a real OCI registry (the CNCF distribution server) to pull
+# IronCore images from.
+TEST_PACKAGES=(docker-registry)

@@ -40,7 +40,7 @@ use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
 use tracing::Instrument;
 
 use crate::{
-    backend::{Access, Backend, BackendError, Limits, Source, VolumePlan},
+    backend::{Access, Backend, BackendError, ImageRef, Limits, Source, VolumePlan},
     config::VolumeClass,
     keys::WrappedKey,
     record::{
@@ -452,7 +452,10 @@ impl Reconciler {
     fn volume_source(&self, record: &VolumeRecord) -> SourceState {
         let data_source = record.spec.as_ref().and_then(|s| s.volume_data_source.as_ref());
         if let Some(image) = data_source.and_then(|d| d.image_data_source.as_ref()) {
-            return SourceState::Ready(Source::Image(image.image.clone()));
+            return SourceState::Ready(Source::Image(ImageRef {
+                reference: image.image.clone(),
+                architecture: image.architecture.clone(),
+            }));
         }
         let Some(snapshot_id) = record.source_snapshot() else {
             return SourceState::Ready(Source::Empty);

@@ -1033,7 +1033,8 @@ mod tests {
                 image(""),
                 "volume.spec.volume_data_source.image_data_source.image",
             ),
-            (image("ghcr.io/os:1"), "OCI references are not yet"),
+            (image("ftp://example.com/os.img"), "only file://"),
+            (image("Registry.Example/UPPER:1"), "lowercase"),
             (image("file:///etc/shadow"), "local.image_dirs"),
             (from_snapshot(GIB, ""), "snapshot_data_source.snapshot_id"),
             (

@@ -23,7 +23,7 @@ use nix::{
 use serde_json::Value;
 use volume_provider::{
     backend::{
-        Backend, BackendError, Limits, Provisioned, Source, VolumePlan,
+        Backend, BackendError, ImageRef, Limits, Provisioned, Source, VolumePlan,
         local::{LocalBackend, LocalSettings, SIZE_GRANULARITY},
     },
     keys::{Kek, Passphrase},
@@ -1690,7 +1690,13 @@ async fn volumes_from_images_share_one_fetched_copy() {
         ..LocalSettings::default()
     };
     let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
-    let image = |id: &str, reference: &str, size: u64| plan(id, size, Source::Image(reference.to_string()));
+    let image = |id: &str, reference: &str, size: u64| {
+        let image = ImageRef {
+            reference: reference.to_string(),
+            architecture: String::new(),
+        };
+        plan(id, size, Source::Image(image))
+    };
     let file_ref = format!("file://{}", sources.join("os.raw").display());
 
     let (a, b) = (new_id(), new_id());
@@ -1762,6 +1768,43 @@ async fn volumes_from_images_share_one_fetched_copy() {
         .unwrap_err();
     assert!(err.to_string().contains("pins"), "{err}");
     let fetches = served.load(Ordering::SeqCst);
+
+    // OCI: an IronCore image's rootfs layer from a real registry, digest-verified.
+    let registry = ironcore_image::testing::Registry::start(env.dir.path());
+    registry.push(
+        "os-images/test",
+        "1",
+        &[
+            ironcore_image::testing::Layer {
+                kind: "rootfs",
+                content: &raw,
+            },
+            ironcore_image::testing::Layer {
+                kind: "kernel",
+                content: b"not used for volumes",
+            },
+        ],
+    );
+    let oci = new_id();
+    let reference = format!("{}/os-images/test:1", registry.address);
+    let po = backend
+        .ensure_volume(&image(&oci, &reference, 4 * MIB))
+        .await
+        .unwrap();
+    assert!(has(&uri(&po), 0x77, 0, MIB) && has(&uri(&po), 0, MIB, 2 * MIB));
+    let err = backend
+        .ensure_volume(&image(
+            &new_id(),
+            &format!("{}/os-images/missing:1", registry.address),
+            MIB,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Transient(m) if m.contains("404")),
+        "{err:?}"
+    );
+    backend.delete_volume(&oci).await.unwrap();
 
     // Images stay cached when their volumes go, and across restarts; an encrypted volume can
     // sit on a plain image.

@@ -676,7 +676,7 @@ async fn errors_follow_the_contract() {
             VolumeSpec {
                 volume_data_source: Some(VolumeDataSource {
                     image_data_source: Some(ImageDataSource {
-                        image: "ghcr.io/ironcore-dev/os-images/gardenlinux:1877".into(),
+                        image: "ftp://example.com/os-images/gardenlinux.raw".into(),
                         architecture: "amd64".into(),
                     }),
                     snapshot_data_source: None,
@@ -684,7 +684,7 @@ async fn errors_follow_the_contract() {
                 ..spec(GIB)
             },
             invalid,
-            "OCI references are not yet",
+            "only file://",
         ),
         (
             VolumeSpec {

@@ -18,7 +18,16 @@ pub enum Source {
     /// A copy-on-write clone of a snapshot the backend holds.
     Snapshot(String),
     /// A copy-on-write clone of an image (a reference the backend fetches once and keeps).
-    Image(String),
+    Image(ImageRef),
+}
+
+/// An image to create a volume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// `file://`, `http(s)://` or an OCI reference.
+    pub reference: String,
+    /// The CPU architecture whose image an OCI index should yield (`amd64` if empty).
+    pub architecture: String,
 }
 
 /// Class limits, enforced on the data path.

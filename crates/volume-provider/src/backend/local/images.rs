@@ -3,8 +3,10 @@
 //! qcow2 layer that every volume of the image shares as its backing file.
 //!
 //! References: `file:///<path>` (the path must lie in one of `local.image_dirs`, so a request
-//! cannot make the provider read arbitrary host files) and `http://` / `https://` URLs. A
-//! `#sha256=<hex>` suffix makes the fetch verify the content's digest. The image may be raw or
+//! cannot make the provider read arbitrary host files), `http://` / `https://` URLs (a
+//! `#sha256=<hex>` suffix makes the fetch verify the content's digest), and OCI references
+//! (`registry/repository:tag` or `@sha256:…`) to IronCore images, whose rootfs layer is used
+//! (digest-verified, see the `ironcore-image` crate). The image may be raw or
 //! qcow2; its format is decided by its magic number, never by QEMU's format probing, and a
 //! qcow2 image that names a backing file or an external data file is refused (it would make
 //! QEMU open host files on the image's behalf).
@@ -47,6 +49,19 @@ pub enum Location {
     File(PathBuf),
     /// An `http://` or `https://` URL.
     Http(String),
+    /// An OCI reference to an IronCore image.
+    Oci(String),
+}
+
+/// What a fetch may use besides the reference.
+#[derive(Debug, Clone, Default)]
+pub struct FetchContext {
+    /// Where `file://` images may come from.
+    pub image_dirs: Vec<PathBuf>,
+    /// Registries reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// The architecture an OCI index should yield.
+    pub architecture: String,
 }
 
 /// Parses `reference`; `image_dirs` are the directories `file://` references may point into.
@@ -104,7 +119,17 @@ pub fn parse(reference: &str, image_dirs: &[PathBuf]) -> Result<ImageSource, Str
             sha256,
         });
     }
-    Err("only file:// and http(s):// image references are supported (OCI references are not yet)".into())
+    if location.contains("://") {
+        return Err("only file://, http:// and https:// URLs, or OCI references, are supported".into());
+    }
+    if sha256.is_some() {
+        return Err("pin an OCI image with @sha256:<digest>, not #sha256=".into());
+    }
+    ironcore_image::Reference::parse(location).map_err(|e| e.to_string())?;
+    Ok(ImageSource {
+        location: Location::Oci(location.to_string()),
+        sha256: None,
+    })
 }
 
 /// What a fetch produced: a local file with the image's bytes.
@@ -119,8 +144,27 @@ pub struct Fetched {
 }
 
 /// Fetches `source` (blocking: run it off the async workers). Downloads go to `download`.
-pub fn fetch(source: &ImageSource, download: &Path, image_dirs: &[PathBuf]) -> Result<Fetched, String> {
+pub fn fetch(source: &ImageSource, download: &Path, context: &FetchContext) -> Result<Fetched, String> {
+    let image_dirs = &context.image_dirs;
     match &source.location {
+        Location::Oci(reference) => {
+            let client = ironcore_image::Client::new(context.insecure_registries.clone());
+            let image = client
+                .resolve(reference, &context.architecture)
+                .map_err(|e| e.to_string())?;
+            let rootfs = image
+                .rootfs
+                .clone()
+                .ok_or_else(|| format!("{reference} has no rootfs layer"))?;
+            client
+                .download(&image, &rootfs, download)
+                .map_err(|e| e.to_string())?;
+            Ok(Fetched {
+                path: download.to_path_buf(),
+                sha256: Some(rootfs.digest.trim_start_matches("sha256:").to_string()),
+                temporary: true,
+            })
+        }
         Location::File(path) => {
             // Symlinks may lead anywhere: the real path must still be inside an image directory.
             let real = path
@@ -326,9 +370,10 @@ async fn run(program: &Path, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, Strin
     }
 }
 
-/// The key an image is cached under: SHA-256 of its reference (64 hex characters).
-pub fn cache_key(reference: &str) -> String {
-    hex(&Sha256::digest(reference.as_bytes()))
+/// The key an image is cached under: SHA-256 of its reference and architecture (64 hex
+/// characters).
+pub fn cache_key(reference: &str, architecture: &str) -> String {
+    hex(&Sha256::digest(format!("{reference}\n{architecture}").as_bytes()))
 }
 
 #[cfg(test)]
@@ -356,7 +401,8 @@ mod tests {
             ("file:///etc/shadow", "not inside an image directory"),
             ("file:///srv/images/../../etc/shadow", "must not contain"),
             ("file://relative/x", "absolute path"),
-            ("ghcr.io/ironcore-dev/os:1", "OCI references are not yet"),
+            ("ftp://host/os.img", "only file://"),
+            ("Ghcr.io/UPPER", "repository"),
             ("http://", "no host"),
             ("http://x/y#sha256=12", "64 hexadecimal"),
         ] {
@@ -372,8 +418,15 @@ mod tests {
 
     #[test]
     fn cache_keys_are_fixed_length_hex() {
-        let key = cache_key("https://example.com/os.img");
+        let key = cache_key("https://example.com/os.img", "");
         assert_eq!(key.len(), 64);
-        assert_ne!(key, cache_key("https://example.com/os2.img"));
+        assert_ne!(key, cache_key("https://example.com/os2.img", ""));
+        assert_ne!(key, cache_key("https://example.com/os.img", "arm64"));
+        assert_eq!(
+            parse("ghcr.io/ironcore-dev/os-images/gardenlinux:1877", &[])
+                .unwrap()
+                .location,
+            Location::Oci("ghcr.io/ironcore-dev/os-images/gardenlinux:1877".into())
+        );
     }
 }

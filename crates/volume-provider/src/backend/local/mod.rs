@@ -60,7 +60,9 @@ use self::{
     graph::{Change, Graph, Layer, VolumeSpec},
     layout::{ImageManifest, LayerKey, Layout, StoredLimits, VolumeManifest},
 };
-use super::{Access, Backend, BackendError, BackendResult, Inventory, Provisioned, Source, VolumePlan};
+use super::{
+    Access, Backend, BackendError, BackendResult, ImageRef, Inventory, Provisioned, Source, VolumePlan,
+};
 use crate::keys::{Kek, Passphrase, WrappedKey};
 
 /// Volume sizes are rounded up to a multiple of this (1 MiB): small enough not to waste space,
@@ -98,6 +100,9 @@ pub struct LocalSettings {
     /// The `host:port` remote clients use to reach `tcp_listen` (its host goes into the server
     /// certificate); empty: the listen address.
     pub tcp_advertise: String,
+    /// Registries (`host[:port]`) reached over plain HTTP instead of HTTPS (loopback ones always
+    /// are).
+    pub insecure_registries: Vec<String>,
     /// Directories that `file://` image references may point into (none: `file://` is
     /// refused). Requests must not make the provider read arbitrary host files.
     pub image_dirs: Vec<PathBuf>,
@@ -118,6 +123,7 @@ impl Default for LocalSettings {
             qemu_img: PathBuf::from("qemu-img"),
             tcp_listen: String::new(),
             tcp_advertise: String::new(),
+            insecure_registries: Vec::new(),
             image_dirs: Vec::new(),
             encryption_iter_time_ms: 200,
             crash_at: None,
@@ -591,8 +597,9 @@ impl Inner {
 
     /// The image `reference` as a layer: from the cache, or fetched, checked and converted now.
     /// Runs without the state lock (a download may take long) except for the commit.
-    async fn ensure_image(&self, reference: &str) -> BackendResult<ImageManifest> {
-        let key = images::cache_key(reference);
+    async fn ensure_image(&self, image: &ImageRef) -> BackendResult<ImageManifest> {
+        let reference = image.reference.as_str();
+        let key = images::cache_key(reference, &image.architecture);
         let lock = self
             .image_fetches
             .lock()
@@ -614,13 +621,17 @@ impl Inner {
         let source = images::parse(reference, &self.settings.image_dirs)
             .map_err(|e| BackendError::Permanent(format!("image {reference:?}: {e}")))?;
         let download = self.layout.temp_in(&self.layout.images_dir());
-        let dirs = self.settings.image_dirs.clone();
+        let context = images::FetchContext {
+            image_dirs: self.settings.image_dirs.clone(),
+            insecure_registries: self.settings.insecure_registries.clone(),
+            architecture: image.architecture.clone(),
+        };
         let (fetch_source, fetch_download) = (source.clone(), download.clone());
         let started = Instant::now();
         // Every fetch failure is worth retrying: the server may come back, the file may
         // appear; nothing of this attempt is remembered.
         let fetched =
-            tokio::task::spawn_blocking(move || images::fetch(&fetch_source, &fetch_download, &dirs))
+            tokio::task::spawn_blocking(move || images::fetch(&fetch_source, &fetch_download, &context))
                 .await
                 .map_err(|e| BackendError::Transient(format!("image fetch task: {e}")))?
                 .map_err(|e| BackendError::Transient(format!("fetching image {reference:?}: {e}")))?;
@@ -806,9 +817,9 @@ impl Inner {
                 };
                 (requested.max(header.size), Some(manifest.layer), key)
             }
-            Source::Image(reference) => {
+            Source::Image(source) => {
                 let image = image.ok_or_else(|| {
-                    BackendError::Transient(format!("image {reference:?} is not fetched yet"))
+                    BackendError::Transient(format!("image {:?} is not fetched yet", source.reference))
                 })?;
                 // Never smaller than the image: the guest sees all of it and room to grow.
                 let size = requested.max(round_size(image.size)?);
@@ -1018,8 +1029,8 @@ impl Backend for LocalBackend {
         check_id(&plan.id)?;
         let inner = &self.inner;
         let image = match &plan.source {
-            Source::Image(reference) if inner.read_volume(&plan.id)?.is_none() => {
-                Some(inner.ensure_image(reference).await?)
+            Source::Image(image) if inner.read_volume(&plan.id)?.is_none() => {
+                Some(inner.ensure_image(image).await?)
             }
             _ => None,
         };

@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `iri-bench`: benchmarks of the IRI providers. Each subcommand starts what it measures,
+//! prints Markdown tables (numbers and ratios against a baseline measured in the same run) on
+//! stdout, progress on stderr, and optionally writes JSON.
+
+use clap::{Parser, Subcommand};
+use iri_bench::volume;
+
+#[derive(Debug, Parser)]
+#[command(name = "iri-bench", version, about = "Benchmarks of the IRI providers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The volume provider: create/snapshot/clone times at two sizes, and I/O through the NBD
+    /// export against the qcow2 file directly.
+    Volume(volume::VolumeArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Volume(args) => tokio::select! {
+            // Dropping the benchmark's future stops what it started and removes its directory.
+            report = volume::run(args) => report.map(|r| r.render()),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        },
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("iri-bench: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

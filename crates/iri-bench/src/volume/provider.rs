@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The `iri-volume-provider` under test: a black box started as a binary on a fresh data
+//! directory, with a configuration written by the benchmark, and stopped afterwards together
+//! with the qemu-storage-daemon it leaves running by design (found through its pid file,
+//! `<data-dir>/local/daemon/pid`).
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use iri_api::{
+    Endpoint,
+    endpoint::clients,
+    volume::v1alpha1::{VersionRequest, volume_runtime_client::VolumeRuntimeClient},
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tonic::transport::Channel;
+
+/// The one volume class the benchmark configures: no limits, so that the I/O measures the
+/// export path and not a throttle.
+pub const CLASS: &str = "bench";
+
+/// How long the provider may take to serve.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running provider. Dropping it stops the provider and its storage daemon.
+pub struct Provider {
+    child: Option<Child>,
+    /// The provider's data directory.
+    pub data_dir: PathBuf,
+    /// The IRI socket.
+    pub socket: PathBuf,
+    /// The provider's log (stderr).
+    pub log: PathBuf,
+}
+
+/// Where to find the provider binary: `explicit`, else `$IRI_VOLUME_PROVIDER_BIN`, else next to
+/// this executable (`target/<profile>/`), else `target/release/` and `target/debug/` under the
+/// current directory, else `iri-volume-provider` on the PATH.
+pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    const NAME: &str = "iri-volume-provider";
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            bail!("--provider-bin {}: no such file", path.display());
+        }
+        return Ok(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("IRI_VOLUME_PROVIDER_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(NAME));
+        // Test executables live in target/<profile>/deps.
+        if let Some(parent) = dir.parent() {
+            candidates.push(parent.join(NAME));
+        }
+    }
+    candidates.push(PathBuf::from("target/release").join(NAME));
+    candidates.push(PathBuf::from("target/debug").join(NAME));
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Ok(std::path::absolute(&found).unwrap_or(found));
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(NAME))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.is_file());
+    on_path.with_context(|| {
+        format!(
+            "{NAME} not found: build it (cargo build --release -p volume-provider) or pass --provider-bin"
+        )
+    })
+}
+
+impl Provider {
+    /// Starts `binary` on `root/provider` (a new directory), serving `root/volume.sock`, and
+    /// waits until it answers Version. Its log goes to `root/provider.log`.
+    pub async fn start(binary: &Path, root: &Path) -> Result<(Provider, VolumeRuntimeClient<Channel>)> {
+        let data_dir = root.join("provider");
+        let config = root.join("provider.toml");
+        std::fs::write(
+            &config,
+            format!("[[classes]]\nname = \"{CLASS}\"\ntps = 0\niops = 0\n"),
+        )
+        .context("writing the provider config")?;
+        let mut provider = Provider {
+            child: None,
+            data_dir,
+            socket: root.join("volume.sock"),
+            log: root.join("provider.log"),
+        };
+        let log = File::create(&provider.log).context("creating the provider log")?;
+        let child = Command::new(binary)
+            .arg("--data-dir")
+            .arg(&provider.data_dir)
+            .arg("--address")
+            .arg(&provider.socket)
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        provider.child = Some(child);
+        let client = provider.connect().await?;
+        Ok((provider, client))
+    }
+
+    async fn connect(&mut self) -> Result<VolumeRuntimeClient<Channel>> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("the provider exited with {status}:\n{}", self.log_tail());
+            }
+            if let Ok(channel) = Endpoint::Unix(self.socket.clone())
+                .connect(Duration::from_secs(2))
+                .await
+            {
+                let mut client = clients::volume(channel);
+                if client.version(VersionRequest::default()).await.is_ok() {
+                    return Ok(client);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the provider does not serve after {START_TIMEOUT:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of the provider's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Stops the provider (SIGTERM, SIGKILL after a timeout), then the storage daemon of its data
+    /// directory. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = self.daemon_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if alive(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// The storage daemon of this data directory: the pid its pid file names, if that process's
+    /// command line mentions the data directory (so a recycled pid is never touched).
+    fn daemon_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("local/daemon/pid")).ok()?;
+        let pid = text.trim().parse::<i32>().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .contains(&*self.data_dir.to_string_lossy())
+            .then_some(pid)
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}

@@ -714,6 +714,41 @@ async fn a_killed_daemon_is_restarted_and_reexports_everything() {
     backend.stop_daemon().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_daemon_is_killed_and_replaced() {
+    let env = Env::new();
+    let settings = LocalSettings {
+        daemon_health_seconds: 1,
+        ..LocalSettings::default()
+    };
+    let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
+    let a = new_id();
+    let pa = backend
+        .ensure_volume(&plan(&a, 8 * MIB, Source::Empty))
+        .await
+        .unwrap();
+    write(&uri(&pa), 0x5c, 0, MIB);
+    let pid = backend.daemon_pid().unwrap();
+    // SIGSTOP: alive, holding its sockets, answering nothing.
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    while backend.daemon_pid().is_none_or(|p| p == pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the hung daemon was not replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!is_alive(pid), "the hung daemon was killed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !has(&uri(&pa), 0x5c, 0, MIB) {
+        assert!(Instant::now() < deadline, "the volume is not served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("hung daemon replaced after {:?}", started.elapsed());
+    backend.stop_daemon().await.unwrap();
+}
+
 /// A process killed when the test ends, whatever happened.
 struct KillOnDrop(std::process::Child);
 

@@ -225,6 +225,14 @@ pub(super) async fn stop(daemon: Option<Daemon>, layout: &Layout) {
     }
 }
 
+/// Kills a daemon that stopped answering QMP (it is ours: it was connected as this
+/// directory's daemon); the supervisor then starts a new one.
+pub(super) async fn kill_hung(daemon: &Daemon, layout: &Layout) {
+    if is_ours(daemon.pid, layout) {
+        kill_and_wait(daemon.pid).await;
+    }
+}
+
 /// The pid in the daemon's pid file, if any.
 pub(super) fn read_pid(layout: &Layout) -> Option<i32> {
     fs::read_to_string(layout.pid_file())

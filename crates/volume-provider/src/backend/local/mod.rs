@@ -79,6 +79,9 @@ const MAX_SOCKET_PATH: usize = 107;
 /// How often the supervisor checks the daemon connection.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Health checks the daemon may miss in a row before it is deemed hung.
+const HUNG_AFTER_MISSED: u32 = 3;
+
 /// The longest pause between two attempts to restart the daemon.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -100,6 +103,10 @@ pub struct LocalSettings {
     /// The `host:port` remote clients use to reach `tcp_listen` (its host goes into the server
     /// certificate); empty: the listen address.
     pub tcp_advertise: String,
+    /// Seconds between health checks of the storage daemon (a QMP query that must answer
+    /// within the same time); after three missed answers in a row the daemon is deemed hung,
+    /// killed and restarted, and every export rebuilt. 0 disables the checks.
+    pub daemon_health_seconds: u64,
     /// Registries (`host[:port]`) reached over plain HTTP instead of HTTPS (loopback ones always
     /// are).
     pub insecure_registries: Vec<String>,
@@ -123,6 +130,7 @@ impl Default for LocalSettings {
             qemu_img: PathBuf::from("qemu-img"),
             tcp_listen: String::new(),
             tcp_advertise: String::new(),
+            daemon_health_seconds: 5,
             insecure_registries: Vec::new(),
             image_dirs: Vec::new(),
             encryption_iter_time_ms: 200,
@@ -335,14 +343,39 @@ async fn lock_dir(layout: &Layout) -> BackendResult<Flock<File>> {
 /// backend releases it.
 async fn supervise(inner: Weak<Inner>) {
     let mut backoff = Duration::from_secs(1);
+    let mut last_check = Instant::now();
+    let mut missed = 0u32;
     loop {
         tokio::time::sleep(SUPERVISE_INTERVAL).await;
         let Some(inner) = inner.upgrade() else { return };
         if inner.stopped.load(Ordering::SeqCst) {
             return;
         }
-        if inner.connected().is_some() {
+        if let Some(daemon) = inner.connected() {
             backoff = Duration::from_secs(1);
+            let period = Duration::from_secs(inner.settings.daemon_health_seconds);
+            if period.is_zero() || last_check.elapsed() < period {
+                continue;
+            }
+            last_check = Instant::now();
+            // A daemon can hang without dying (a stuck disk, a deadlock): its exports stall,
+            // and only an answer to a query tells it apart from a busy one.
+            let ping = daemon.qmp.clone().with_timeout(period);
+            match ping.execute_value("query-version", Value::Null).await {
+                Ok(_) => missed = 0,
+                Err(err) => {
+                    missed += 1;
+                    tracing::warn!(pid = daemon.pid, %err, missed, "the storage daemon did not answer");
+                    if missed >= HUNG_AFTER_MISSED {
+                        tracing::error!(
+                            pid = daemon.pid,
+                            "the storage daemon is hung: killing it to restart it"
+                        );
+                        daemon::kill_hung(&daemon, &inner.layout).await;
+                        missed = 0;
+                    }
+                }
+            }
             continue;
         }
         let mut state = inner.state.lock().await;

@@ -20,14 +20,16 @@ use std::{
     io::{self, Read, Write},
     os::unix::fs::OpenOptionsExt,
     path::Path,
-    time::Duration,
 };
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+pub mod net;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+
+pub use net::{FetchError, Policy};
 
 /// OCI image manifest.
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -36,8 +38,6 @@ pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// IronCore image config.
 pub const MEDIA_CONFIG: &str = "application/vnd.ironcore.image.config.v1+json";
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Manifests and indexes are small; anything bigger is not one.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
@@ -58,6 +58,9 @@ pub enum Error {
     /// The image is not an IronCore image we can use.
     #[error("{0}")]
     Image(String),
+    /// The destination is not allowed (an internal address that is not trusted).
+    #[error("{0}")]
+    Refused(String),
     /// Local I/O.
     #[error("{0}")]
     Io(String),
@@ -212,19 +215,27 @@ pub struct Image {
 pub struct Client {
     agent: ureq::Agent,
     insecure: Vec<String>,
+    policy: Policy,
+}
+
+impl From<FetchError> for Error {
+    fn from(err: FetchError) -> Self {
+        match err {
+            FetchError::Refused(m) => Error::Refused(m),
+            FetchError::Failed(m) => Error::Registry(m),
+        }
+    }
 }
 
 impl Client {
     /// A client that uses plain HTTP for loopback registries and for `insecure` hosts
-    /// (`host[:port]`).
-    pub fn new(insecure: Vec<String>) -> Client {
-        let agent = ureq::Agent::config_builder()
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Client { agent, insecure }
+    /// (`host[:port]`), and fetches only from destinations `policy` allows.
+    pub fn new(insecure: Vec<String>, policy: Policy) -> Client {
+        Client {
+            agent: net::agent(),
+            insecure,
+            policy,
+        }
     }
 
     /// Resolves `reference` to an IronCore image for `architecture` (`amd64` if empty).
@@ -391,16 +402,19 @@ impl<'a> Session<'a> {
         Ok((manifest, digest))
     }
 
-    /// GET with the accept header, fetching an anonymous token on a Bearer challenge.
+    /// GET with the accept header, fetching an anonymous token on a Bearer challenge; every
+    /// hop is checked against the policy and the token goes to the registry only.
     fn get(&mut self, url: &str, accept: &str) -> Result<Box<dyn Read + Send>> {
         for _ in 0..2 {
-            let mut request = self.client.agent.get(url).header("Accept", accept);
-            if let Some(token) = &self.token {
-                request = request.header("Authorization", &format!("Bearer {token}"));
-            }
-            let response = request
-                .call()
-                .map_err(|e| Error::Registry(format!("GET {url}: {e}")))?;
+            let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+            let credentials = bearer.as_deref().map(|b| ("Authorization", b));
+            let response = net::get(
+                &self.client.agent,
+                &self.client.policy,
+                url,
+                &[("Accept", accept)],
+                credentials,
+            )?;
             let status = response.status().as_u16();
             if status == 401 && self.token.is_none() {
                 let challenge = response
@@ -444,12 +458,8 @@ impl<'a> Session<'a> {
             #[serde(default)]
             access_token: String,
         }
-        let response = self
-            .client
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| Error::Registry(format!("GET {realm}: {e}")))?;
+        // The realm is the registry's to name, so it is checked like any other destination.
+        let response = net::get(&self.client.agent, &self.client.policy, &url, &[], None)?;
         if !response.status().is_success() {
             return Err(Error::Registry(format!(
                 "GET {realm}: HTTP {}",

@@ -3,7 +3,7 @@
 //! an index; download layers with digest checks; refuse what is not an IronCore image.
 
 use ironcore_image::{
-    Client, Error,
+    Client, Error, Policy,
     testing::{Layer, Registry},
 };
 
@@ -30,7 +30,16 @@ fn resolves_and_downloads_ironcore_images() {
             },
         ],
     );
-    let client = Client::new(Vec::new());
+    // The registry is on loopback: refused unless trusted.
+    let untrusting = Client::new(Vec::new(), Policy::default());
+    let refused = untrusting.resolve(&format!("{}/os-images/test:1", registry.address), "");
+    assert!(matches!(refused, Err(Error::Refused(m)) if m.contains("internal address")));
+    let client = Client::new(
+        Vec::new(),
+        Policy {
+            trusted_hosts: vec!["127.0.0.1".into()],
+        },
+    );
     let reference = format!("{}/os-images/test:1", registry.address);
     let image = client.resolve(&reference, "").unwrap();
     assert_eq!(image.digest, digest);

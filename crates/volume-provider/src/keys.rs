@@ -111,7 +111,14 @@ impl Kek {
     /// Reads the KEK from `path`, or creates it (32 random bytes, mode 0600) if the file does
     /// not exist. An existing file must hold exactly 32 bytes and be private to its owner:
     /// a key others can read protects nothing, and is refused rather than used.
-    pub fn load_or_create(path: &Path) -> Result<Kek, KeyError> {
+    ///
+    /// `encrypted_data_exists` is asked before a new KEK is made: a missing key file next to
+    /// data wrapped with the old one (a wrong path, a restore without the key) must stop the
+    /// provider, not silently orphan every encrypted volume.
+    pub fn load_or_create(
+        path: &Path,
+        encrypted_data_exists: impl FnOnce() -> bool,
+    ) -> Result<Kek, KeyError> {
         let fail = |reason: String| KeyError::KeyFile {
             path: path.to_path_buf(),
             reason,
@@ -138,6 +145,12 @@ impl Kek {
                 Ok(Kek::from_bytes(&bytes))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if encrypted_data_exists() {
+                    return Err(fail(
+                        "is missing, but encrypted volumes exist: restore the key file (without it they cannot be opened)"
+                            .into(),
+                    ));
+                }
                 let mut bytes = Zeroizing::new([0u8; KEK_LEN]);
                 getrandom::fill(bytes.as_mut_slice()).map_err(|e| fail(format!("random source: {e}")))?;
                 write_new_private(path, bytes.as_slice()).map_err(|e| fail(format!("creating: {e}")))?;
@@ -258,20 +271,24 @@ mod tests {
     fn key_files_are_created_private_and_unsafe_ones_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek");
-        let first = Kek::load_or_create(&path).unwrap();
+        let first = Kek::load_or_create(&path, || false).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::metadata(&path).unwrap().len(), KEK_LEN as u64);
         let wrapped = first.wrap(&Passphrase::new(b"x".to_vec()));
-        let again = Kek::load_or_create(&path).unwrap();
+        let again = Kek::load_or_create(&path, || unreachable!("the file exists")).unwrap();
         assert!(again.unwrap(&wrapped).is_ok(), "the same file gives the same key");
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Kek::load_or_create(&path).unwrap_err().to_string();
+        let err = Kek::load_or_create(&path, || false).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
 
         let short = dir.path().join("short");
         write_new_private(&short, b"tiny").unwrap();
-        let err = Kek::load_or_create(&short).unwrap_err().to_string();
+        let err = Kek::load_or_create(&short, || false).unwrap_err().to_string();
         assert!(err.contains("holds 4 bytes"), "{err}");
+        let gone = dir.path().join("gone");
+        let err = Kek::load_or_create(&gone, || true).unwrap_err().to_string();
+        assert!(err.contains("restore the key file"), "{err}");
+        assert!(!gone.exists(), "no new key next to data wrapped with the old one");
     }
 }

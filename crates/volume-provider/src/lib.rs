@@ -62,7 +62,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     // here, before it touches the backend.
     let store = Store::open(&data_dir.join(STORE_FILE), StoreOptions::default())?;
     let key_file = data_dir.join(&config.key_file);
-    let kek = Arc::new(Kek::load_or_create(&key_file)?);
+    let kek = Arc::new(Kek::load_or_create(&key_file, || {
+        encrypted_data_exists(&store, &data_dir.join(LOCAL_DIR))
+    })?);
     let backend: Arc<dyn Backend> = Arc::new(
         LocalBackend::start(&data_dir.join(LOCAL_DIR), &config.local, kek.clone())
             .await
@@ -99,6 +101,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     workers.shut_down(WORKER_GRACE).await;
     served?;
     Ok(())
+}
+
+/// Whether anything is wrapped with a KEK already: an encrypted volume record, or a layer key.
+fn encrypted_data_exists(store: &Store, local_dir: &Path) -> bool {
+    let records = store
+        .list::<record::VolumeRecord>(&Default::default())
+        .iter()
+        .any(|r| !r.object.encryption_key.is_empty());
+    let keys = std::fs::read_dir(local_dir.join("layers")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".key"))
+    });
+    records || keys
 }
 
 /// Creates `dir` (and parents) if missing and makes it 0700: it holds the store and the

@@ -10,8 +10,8 @@
 //! Validation mirrors the reference runtime (`iri-testing`), which the conformance suite
 //! holds every runtime to. Differences, all deliberate:
 //! * image references must be ones the backend can fetch (`file://` inside `local.image_dirs`,
-//!   `http(s)://`); others, OCI references among them, are InvalidArgument ("not supported
-//!   yet") rather than a volume that fails later;
+//!   `http(s)://`, OCI references); others are InvalidArgument rather than a volume that fails
+//!   later;
 //! * an encrypted volume's passphrase (`spec.encryption.secret_data["encryptionKey"]`, required)
 //!   is stored wrapped with the provider's key-encryption key and never returned: the spec
 //!   comes back with `encryption` present and its `secret_data` empty, as upstream omits it;

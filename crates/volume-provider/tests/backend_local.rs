@@ -440,7 +440,7 @@ async fn encrypted_volumes_snapshots_and_clones_hold_no_plaintext() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, BackendError::Permanent(m) if m.contains("different key-encryption key")),
+        matches!(&err, BackendError::Transient(m) if m.contains("different key-encryption key")),
         "{err:?}"
     );
     other.stop_daemon().await.unwrap();
@@ -1722,6 +1722,8 @@ async fn volumes_from_images_share_one_fetched_copy() {
 
     let settings = LocalSettings {
         image_dirs: vec![sources.clone()],
+        // The test's HTTP server and registry are on loopback, which is refused by default.
+        trusted_image_hosts: vec!["127.0.0.1".into()],
         ..LocalSettings::default()
     };
     let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
@@ -1759,15 +1761,17 @@ async fn volumes_from_images_share_one_fetched_copy() {
         .collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
 
-    // Refused images leave nothing behind, and say why.
-    for (reference, why) in [
-        (format!("file://{}", hostile.display()), "backing file"),
+    // Refused images leave nothing behind, and say why; what retrying cannot fix is Permanent.
+    for (reference, permanent, why) in [
+        (format!("file://{}", hostile.display()), true, "backing file"),
         (
             format!("file://{}", sources.join("escape.raw").display()),
+            true,
             "outside the image directories",
         ),
         (
             format!("file://{}", sources.join("missing.raw").display()),
+            false,
             "No such file",
         ),
     ] {
@@ -1775,6 +1779,11 @@ async fn volumes_from_images_share_one_fetched_copy() {
             .ensure_volume(&image(&new_id(), &reference, MIB))
             .await
             .unwrap_err();
+        assert_eq!(
+            matches!(err, BackendError::Permanent(_)),
+            permanent,
+            "{reference}: {err:?}"
+        );
         assert!(err.to_string().contains(why), "{reference}: {err}");
     }
     assert_eq!(env.layers(), 3);
@@ -1801,7 +1810,21 @@ async fn volumes_from_images_share_one_fetched_copy() {
         .ensure_volume(&image(&new_id(), &wrong, 4 * MIB))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("pins"), "{err}");
+    assert!(
+        matches!(&err, BackendError::Permanent(m) if m.contains("pins")),
+        "{err:?}"
+    );
+    // The same server under a name that is not trusted: an internal address, refused.
+    let port = base.rsplit_once(':').unwrap().1;
+    let internal = format!("http://localhost:{port}/os.raw");
+    let err = backend
+        .ensure_volume(&image(&new_id(), &internal, 4 * MIB))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Permanent(m) if m.contains("internal address")),
+        "{err:?}"
+    );
     let fetches = served.load(Ordering::SeqCst);
 
     // OCI: an IronCore image's rootfs layer from a real registry, digest-verified.
@@ -1915,20 +1938,16 @@ async fn remote_clients_use_nbd_over_tls_with_client_certificates() {
         .and_then(|rest| rest.strip_suffix(&format!("/{id}")))
         .unwrap_or_else(|| panic!("{tcp_uri}"));
 
-    // What a machine provider on another host does with the access: QEMU's credential files.
+    // What a machine provider on another host does: the CA from the access, the client
+    // certificate the operator gave it (never in the access: poollets put secret_data into
+    // the tenant's namespace), as QEMU's credential files.
+    assert!(p.access.secret_data.is_empty(), "no credentials in the access");
     let creds = env.dir.path().join("client-creds");
     fs::create_dir_all(&creds).unwrap();
     fs::write(creds.join("ca-cert.pem"), &p.access.attributes["tls_ca_cert"]).unwrap();
-    fs::write(
-        creds.join("client-cert.pem"),
-        &p.access.secret_data["tls_client_cert"],
-    )
-    .unwrap();
-    fs::write(
-        creds.join("client-key.pem"),
-        &p.access.secret_data["tls_client_key"],
-    )
-    .unwrap();
+    for file in ["client-cert.pem", "client-key.pem"] {
+        fs::copy(env.path().join("tls").join(file), creds.join(file)).unwrap();
+    }
     qemu_io_tls(&creds, address, &id, "write -P 0x61 0 1M").unwrap();
     assert!(has(&uri(&p), 0x61, 0, MIB), "one volume, reachable both ways");
     write(&uri(&p), 0x62, MIB, MIB);
@@ -1940,7 +1959,11 @@ async fn remote_clients_use_nbd_over_tls_with_client_certificates() {
     let anonymous = env.dir.path().join("anonymous");
     fs::create_dir_all(&anonymous).unwrap();
     fs::copy(creds.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
-    assert!(qemu_io_tls(&anonymous, address, &id, "read 0 4k").is_err());
+    let refused = qemu_io_tls(&anonymous, address, &id, "read 0 4k").unwrap_err();
+    assert!(
+        refused.contains("certificate") || refused.contains("TLS") || refused.contains("handshake"),
+        "refused for another reason: {refused}"
+    );
 
     // Keys are private; a restart keeps the same certificates.
     for key in ["server-key.pem", "client-key.pem"] {

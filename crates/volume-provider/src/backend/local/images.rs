@@ -20,16 +20,11 @@ use std::{
     os::unix::fs::OpenOptionsExt,
     path::{Component, Path, PathBuf},
     process::Stdio,
-    time::Duration,
 };
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// How long connecting to an image server may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the server may pause while sending the image.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond this, a download is refused (the largest volume).
 const MAX_IMAGE_BYTES: u64 = super::MAX_VOLUME_BYTES;
 
@@ -62,6 +57,8 @@ pub struct FetchContext {
     pub insecure_registries: Vec<String>,
     /// The architecture an OCI index should yield.
     pub architecture: String,
+    /// Which hosts may be fetched from.
+    pub policy: ironcore_image::Policy,
 }
 
 /// Parses `reference`; `image_dirs` are the directories `file://` references may point into.
@@ -132,129 +129,120 @@ pub fn parse(reference: &str, image_dirs: &[PathBuf]) -> Result<ImageSource, Str
     })
 }
 
-/// What a fetch produced: a local file with the image's bytes.
+/// What a fetch produced: a private local file with the image's bytes.
 #[derive(Debug)]
 pub struct Fetched {
-    /// The file (the source itself for `file://`, a download otherwise).
+    /// The file: a download, or a private copy of a `file://` image.
     pub path: PathBuf,
-    /// SHA-256 of the content, when it was computed (downloads, pinned references).
-    pub sha256: Option<String>,
-    /// Whether `path` is a download that the caller removes when done.
-    pub temporary: bool,
+    /// SHA-256 of the content.
+    pub sha256: String,
 }
 
-/// Fetches `source` (blocking: run it off the async workers). Downloads go to `download`.
-pub fn fetch(source: &ImageSource, download: &Path, context: &FetchContext) -> Result<Fetched, String> {
-    let image_dirs = &context.image_dirs;
-    match &source.location {
+/// Refused (retrying cannot help: the reference or the content is wrong, the destination is
+/// not allowed) or Failed (the network, the server, the disk: retried).
+pub use ironcore_image::FetchError;
+
+fn refused(reason: impl Into<String>) -> FetchError {
+    FetchError::Refused(reason.into())
+}
+
+fn failed(reason: impl Into<String>) -> FetchError {
+    FetchError::Failed(reason.into())
+}
+
+/// Fetches `source` into the new file `download` (blocking: run it off the async workers).
+///
+/// A `file://` image is copied too, through a descriptor opened without following a final
+/// symlink and checked to be inside an image directory: everything after (hash, inspection,
+/// conversion) reads the private copy, so swapping the file in the image directory between
+/// the check and the use changes nothing.
+pub fn fetch(source: &ImageSource, download: &Path, context: &FetchContext) -> Result<Fetched, FetchError> {
+    let sha256 = match &source.location {
         Location::Oci(reference) => {
-            let client = ironcore_image::Client::new(context.insecure_registries.clone());
+            let client =
+                ironcore_image::Client::new(context.insecure_registries.clone(), context.policy.clone());
+            let oci_error = |e: ironcore_image::Error| match e {
+                ironcore_image::Error::Registry(m) | ironcore_image::Error::Io(m) => failed(m),
+                other => refused(other.to_string()),
+            };
             let image = client
                 .resolve(reference, &context.architecture)
-                .map_err(|e| e.to_string())?;
+                .map_err(oci_error)?;
             let rootfs = image
                 .rootfs
                 .clone()
-                .ok_or_else(|| format!("{reference} has no rootfs layer"))?;
-            client
-                .download(&image, &rootfs, download)
-                .map_err(|e| e.to_string())?;
-            Ok(Fetched {
-                path: download.to_path_buf(),
-                sha256: Some(rootfs.digest.trim_start_matches("sha256:").to_string()),
-                temporary: true,
-            })
+                .ok_or_else(|| refused(format!("{reference} has no rootfs layer")))?;
+            client.download(&image, &rootfs, download).map_err(oci_error)?;
+            rootfs.digest.trim_start_matches("sha256:").to_string()
         }
         Location::File(path) => {
-            // Symlinks may lead anywhere: the real path must still be inside an image directory.
             let real = path
                 .canonicalize()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            let allowed = image_dirs
+                .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            let allowed = context
+                .image_dirs
                 .iter()
                 .filter_map(|d| d.canonicalize().ok())
                 .any(|dir| real.starts_with(dir));
             if !allowed {
-                return Err(format!(
+                return Err(refused(format!(
                     "{} resolves to {}, outside the image directories",
                     path.display(),
                     real.display()
-                ));
+                )));
             }
-            if !real.is_file() {
-                return Err(format!("{} is not a regular file", real.display()));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&real)
+                .map_err(|e| failed(format!("{}: {e}", real.display())))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| failed(format!("{}: {e}", real.display())))?;
+            if !meta.is_file() {
+                return Err(refused(format!("{} is not a regular file", real.display())));
             }
-            let sha256 = match &source.sha256 {
-                Some(_) => Some(hash_file(&real).map_err(|e| format!("{}: {e}", real.display()))?),
-                None => None,
-            };
-            check_digest(source, sha256.as_deref())?;
-            Ok(Fetched {
-                path: real,
-                sha256,
-                temporary: false,
-            })
+            copy_hashed(file, download).map_err(|e| failed(format!("copying {}: {e}", real.display())))?
         }
         Location::Http(url) => {
-            let sha256 = download_to(url, download)?;
-            if let Err(err) = check_digest(source, Some(&sha256)) {
-                let _ = std::fs::remove_file(download);
-                return Err(err);
+            let response =
+                ironcore_image::net::get(&ironcore_image::net::agent(), &context.policy, url, &[], None)?;
+            let status = response.status().as_u16();
+            if !(200..300).contains(&status) {
+                return Err(failed(format!("GET {url}: HTTP {status}")));
             }
-            Ok(Fetched {
-                path: download.to_path_buf(),
-                sha256: Some(sha256),
-                temporary: true,
-            })
+            copy_hashed(response.into_body().into_reader(), download)
+                .map_err(|e| failed(format!("GET {url}: {e}")))?
         }
+    };
+    if let Some(expected) = &source.sha256
+        && *expected != sha256
+    {
+        let _ = std::fs::remove_file(download);
+        return Err(refused(format!(
+            "content has sha256 {sha256}, the reference pins {expected}"
+        )));
     }
+    Ok(Fetched {
+        path: download.to_path_buf(),
+        sha256,
+    })
 }
 
-fn check_digest(source: &ImageSource, actual: Option<&str>) -> Result<(), String> {
-    match (&source.sha256, actual) {
-        (Some(expected), Some(actual)) if expected != actual => Err(format!(
-            "content has sha256 {actual}, the reference pins {expected}"
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn hash_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-/// Downloads `url` into `dest` (created 0600, fsynced); returns the content's SHA-256.
-fn download_to(url: &str, dest: &Path) -> Result<String, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .timeout_recv_body(None)
-        .timeout_recv_response(Some(READ_TIMEOUT))
-        .build()
-        .into();
-    let response = agent.get(url).call().map_err(|e| format!("GET {url}: {e}"))?;
-    let mut body = response.into_body().into_reader();
+/// Copies `from` into the new file `dest` (0600, fsynced); returns the content's SHA-256. A
+/// partial file is removed.
+fn copy_hashed(mut from: impl Read, dest: &Path) -> io::Result<String> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(dest)
-        .map_err(|e| format!("{}: {e}", dest.display()))?;
+        .open(dest)?;
     let written = (|| -> io::Result<String> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let n = body.read(&mut buf)?;
+            let n = from.read(&mut buf)?;
             if n == 0 {
                 break;
             }
@@ -270,10 +258,10 @@ fn download_to(url: &str, dest: &Path) -> Result<String, String> {
         file.sync_all()?;
         Ok(hex(&hasher.finalize()))
     })();
-    written.map_err(|e| {
+    if written.is_err() {
         let _ = std::fs::remove_file(dest);
-        format!("GET {url}: {e}")
-    })
+    }
+    written
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -300,8 +288,10 @@ fn format_of(path: &Path) -> io::Result<&'static str> {
 
 /// Checks the image at `path` and converts it into a standalone qcow2 file at `layer`;
 /// returns the image's virtual size.
-pub async fn convert(qemu_img: &Path, path: &Path, layer: &Path) -> Result<u64, String> {
-    let format = format_of(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// A file `qemu-img info` cannot read, or one that is not a standalone image, is Refused; a
+/// conversion that fails (the disk is full) is Failed.
+pub async fn convert(qemu_img: &Path, path: &Path, layer: &Path) -> Result<u64, FetchError> {
+    let format = format_of(path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
     let info = run(
         qemu_img,
         &[
@@ -312,23 +302,28 @@ pub async fn convert(qemu_img: &Path, path: &Path, layer: &Path) -> Result<u64, 
             path.as_os_str(),
         ],
     )
-    .await?;
-    let info: Value =
-        serde_json::from_slice(&info).map_err(|e| format!("qemu-img info said something odd: {e}"))?;
+    .await
+    .map_err(|e| refused(format!("not a readable {format} image: {e}")))?;
+    let info: Value = serde_json::from_slice(&info)
+        .map_err(|e| failed(format!("qemu-img info said something odd: {e}")))?;
     if info.get("backing-filename").is_some() {
-        return Err("the image names a backing file: only standalone images are accepted".into());
+        return Err(refused(
+            "the image names a backing file: only standalone images are accepted",
+        ));
     }
     let specific = &info["format-specific"]["data"];
     if specific.get("data-file").is_some() {
-        return Err("the image uses an external data file: only standalone images are accepted".into());
+        return Err(refused(
+            "the image uses an external data file: only standalone images are accepted",
+        ));
     }
     if info["encrypted"].as_bool().unwrap_or(false) {
-        return Err("the image is encrypted".into());
+        return Err(refused("the image is encrypted"));
     }
     let size = info["virtual-size"]
         .as_u64()
         .filter(|&s| s > 0)
-        .ok_or_else(|| "the image is empty".to_string())?;
+        .ok_or_else(|| refused("the image is empty"))?;
     run(
         qemu_img,
         &[
@@ -344,7 +339,8 @@ pub async fn convert(qemu_img: &Path, path: &Path, layer: &Path) -> Result<u64, 
             layer.as_os_str(),
         ],
     )
-    .await?;
+    .await
+    .map_err(failed)?;
     Ok(size)
 }
 

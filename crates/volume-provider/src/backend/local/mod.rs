@@ -79,6 +79,9 @@ const MAX_SOCKET_PATH: usize = 107;
 /// How often the supervisor checks the daemon connection.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The least time a health check waits for its answer (three in a row must be missed).
+const HEALTH_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+
 /// Health checks the daemon may miss in a row before it is deemed hung.
 const HUNG_AFTER_MISSED: u32 = 3;
 
@@ -107,6 +110,10 @@ pub struct LocalSettings {
     /// within the same time); after three missed answers in a row the daemon is deemed hung,
     /// killed and restarted, and every export rebuilt. 0 disables the checks.
     pub daemon_health_seconds: u64,
+    /// Image hosts (`host` or `host:port`) fetched from even though they resolve to loopback,
+    /// private or link-local addresses. Others are refused: image references come from API
+    /// objects and must not reach the host's internal services.
+    pub trusted_image_hosts: Vec<String>,
     /// Registries (`host[:port]`) reached over plain HTTP instead of HTTPS (loopback ones always
     /// are).
     pub insecure_registries: Vec<String>,
@@ -131,6 +138,7 @@ impl Default for LocalSettings {
             tcp_listen: String::new(),
             tcp_advertise: String::new(),
             daemon_health_seconds: 5,
+            trusted_image_hosts: Vec::new(),
             insecure_registries: Vec::new(),
             image_dirs: Vec::new(),
             encryption_iter_time_ms: 200,
@@ -262,7 +270,7 @@ impl LocalBackend {
         });
         {
             let mut state = inner.state.lock().await;
-            inner.recover(&mut state).await;
+            inner.recover(&mut state, true).await;
         }
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&inner)));
         Ok(LocalBackend {
@@ -360,7 +368,9 @@ async fn supervise(inner: Weak<Inner>) {
             last_check = Instant::now();
             // A daemon can hang without dying (a stuck disk, a deadlock): its exports stall,
             // and only an answer to a query tells it apart from a busy one.
-            let ping = daemon.qmp.clone().with_timeout(period);
+            // A busy daemon (opening a long encrypted chain holds its monitor for a while) is
+            // not a hung one: the answer gets more time than the period.
+            let ping = daemon.qmp.clone().with_timeout(period.max(HEALTH_TIMEOUT_MIN));
             match ping.execute_value("query-version", Value::Null).await {
                 Ok(_) => missed = 0,
                 Err(err) => {
@@ -396,7 +406,8 @@ async fn supervise(inner: Weak<Inner>) {
                     "storage daemon back: rebuilding the exports"
                 );
                 *inner.daemon.lock().unwrap_or_else(|e| e.into_inner()) = Some(daemon);
-                inner.recover(&mut state).await;
+                // Not a start: image fetches in flight keep their temporary files.
+                inner.recover(&mut state, false).await;
             }
             Err(err) => {
                 tracing::error!(%err, retry_in = ?backoff, "cannot restart the storage daemon");
@@ -447,13 +458,15 @@ impl Inner {
     /// nodes, exports every volume (completing interrupted snapshot switches), and collects
     /// garbage. Failures are logged: what cannot be repaired now is retried by the next
     /// `ensure_volume` or the next start.
-    async fn recover(&self, state: &mut State) {
+    async fn recover(&self, state: &mut State, startup: bool) {
         state.served.clear();
         let layout = self.layout.clone();
-        match blocking(move || layout.remove_temp_files()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(files = n, "removed temporary files of interrupted writes"),
-            Err(err) => tracing::warn!(%err, "removing temporary files"),
+        if startup {
+            match blocking(move || layout.remove_temp_files()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(files = n, "removed temporary files of interrupted writes"),
+                Err(err) => tracing::warn!(%err, "removing temporary files"),
+            }
         }
         let volumes = match self.layout.list_volumes() {
             Ok(volumes) => volumes,
@@ -658,33 +671,41 @@ impl Inner {
             image_dirs: self.settings.image_dirs.clone(),
             insecure_registries: self.settings.insecure_registries.clone(),
             architecture: image.architecture.clone(),
+            policy: ironcore_image::Policy {
+                trusted_hosts: self.settings.trusted_image_hosts.clone(),
+            },
         };
         let (fetch_source, fetch_download) = (source.clone(), download.clone());
         let started = Instant::now();
-        // Every fetch failure is worth retrying: the server may come back, the file may
-        // appear; nothing of this attempt is remembered.
+        // Network and server trouble is retried (the server may come back, the file may
+        // appear); a refused destination or content fails this volume. Nothing of either is
+        // remembered: the next volume of the image fetches again.
+        let fetch_error = |e: images::FetchError| match e {
+            images::FetchError::Refused(m) => BackendError::Permanent(format!("image {reference:?}: {m}")),
+            images::FetchError::Failed(m) => {
+                BackendError::Transient(format!("fetching image {reference:?}: {m}"))
+            }
+        };
         let fetched =
             tokio::task::spawn_blocking(move || images::fetch(&fetch_source, &fetch_download, &context))
                 .await
                 .map_err(|e| BackendError::Transient(format!("image fetch task: {e}")))?
-                .map_err(|e| BackendError::Transient(format!("fetching image {reference:?}: {e}")))?;
+                .map_err(fetch_error)?;
         let layer = layout::new_layer_id();
         let temp = self.layout.temp_in(&self.layout.layers_dir());
         let converted = images::convert(&self.settings.qemu_img, &fetched.path, &temp).await;
-        if fetched.temporary {
-            let _ = fs::remove_file(&fetched.path);
-        }
+        let _ = fs::remove_file(&fetched.path);
         let size = match converted {
             Ok(size) => size,
             Err(err) => {
                 let _ = fs::remove_file(&temp);
-                return Err(BackendError::Transient(format!("image {reference:?}: {err}")));
+                return Err(fetch_error(err));
             }
         };
         let manifest = ImageManifest {
             reference: reference.to_string(),
             layer: layer.clone(),
-            sha256: fetched.sha256,
+            sha256: Some(fetched.sha256),
             size,
         };
         // The commit: under the state lock, so that garbage collection never sees the layer
@@ -733,10 +754,12 @@ impl Inner {
     }
 
     /// The wrapped passphrase of layer `layer` (which must be encrypted).
+    /// A missing or unusable key is an operator's problem to fix (a key file or KEK restored
+    /// from backup), so it is Transient: retried, never turned into VOLUME_ERROR.
     fn layer_key(&self, layer: &str) -> BackendResult<WrappedKey> {
         match self.layout.read_layer_key(layer) {
             Ok(Some(key)) => Ok(key.key),
-            Ok(None) => Err(BackendError::Permanent(format!(
+            Ok(None) => Err(BackendError::Transient(format!(
                 "layer {layer} is encrypted but its key file is missing"
             ))),
             Err(e) => Err(io_error(&format!("reading the key of layer {layer}"), e)),
@@ -747,7 +770,7 @@ impl Inner {
     fn layer_passphrase(&self, layer: &str) -> BackendResult<Passphrase> {
         self.kek
             .unwrap(&self.layer_key(layer)?)
-            .map_err(|e| BackendError::Permanent(format!("layer {layer}: {e}")))
+            .map_err(|e| BackendError::Transient(format!("layer {layer}: {e}")))
     }
 
     fn read_volume(&self, id: &str) -> BackendResult<Option<VolumeManifest>> {
@@ -955,12 +978,6 @@ impl Inner {
             access
                 .attributes
                 .insert("tls_ca_cert".into(), tls.ca_cert.clone());
-            access
-                .secret_data
-                .insert("tls_client_cert".into(), tls.client_cert.clone().into_bytes());
-            access
-                .secret_data
-                .insert("tls_client_key".into(), tls.client_key.clone().into_bytes());
         }
         access
     }

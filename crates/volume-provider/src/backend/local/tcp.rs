@@ -13,7 +13,10 @@
 //! `ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`, `client-key.pem`
 //! (keys 0600). Missing ones are generated at start (a CA, a server certificate for
 //! [`TLS_HOSTNAME`] and the advertised host, a client certificate); an operator may put their
-//! own there instead. Machine providers get the CA and the client credentials in the access.
+//! own there instead. The access carries the CA; the client certificate and key are the
+//! operator's to give to machine providers (copy `client-cert.pem` and `client-key.pem`): they
+//! are never put into the access, because poollets copy `secret_data` into a Secret in the
+//! tenant's namespace, and this one certificate opens every export of the node.
 
 use std::{
     fs, io,
@@ -43,11 +46,16 @@ const NBD_MAGIC: &[u8; 8] = b"NBDMAGIC";
 const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
+const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
 const OPT_STARTTLS: u32 = 5;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REP_ACK: u32 = 1;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+/// Connections in the handshake at once: each holds a descriptor for up to
+/// [`HANDSHAKE_TIMEOUT`], and a flood of them must not starve the process.
+const MAX_HANDSHAKES: usize = 64;
 /// A client gets this many plaintext options before it must start TLS.
 const MAX_PLAINTEXT_OPTIONS: usize = 16;
 /// Option data a client may send before TLS (real clients send none with STARTTLS).
@@ -62,10 +70,6 @@ pub struct TlsAccess {
     pub address: String,
     /// The CA that signed the server certificate (PEM).
     pub ca_cert: String,
-    /// A client certificate the endpoint accepts (PEM).
-    pub client_cert: String,
-    /// Its key (PEM).
-    pub client_key: String,
 }
 
 /// The running endpoint; stops when dropped.
@@ -110,18 +114,21 @@ pub(super) async fn start(
             advertise.to_string()
         },
         ca_cert: read_text(&files.ca_cert).map_err(|e| fail("CA certificate", &e))?,
-        client_cert: read_text(&files.client_cert).map_err(|e| fail("client certificate", &e))?,
-        client_key: read_text(&files.client_key).map_err(|e| fail("client key", &e))?,
     };
     tracing::info!(%local, advertise = access.address, "serving NBD over TLS");
     let acceptor = TlsAcceptor::from(Arc::new(config));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let task = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many NBD handshakes in progress: connection dropped");
+                        continue;
+                    };
                     let (acceptor, socket) = (acceptor.clone(), nbd_socket.clone());
                     tokio::spawn(async move {
-                        if let Err(err) = serve(stream, acceptor, &socket).await {
+                        if let Err(err) = serve(stream, acceptor, &socket, permit).await {
                             tracing::info!(%peer, %err, "NBD over TLS connection ended");
                         }
                     });
@@ -137,7 +144,12 @@ pub(super) async fn start(
 }
 
 /// One client: plaintext handshake to STARTTLS, TLS, then the daemon.
-async fn serve(mut stream: TcpStream, acceptor: TlsAcceptor, nbd_socket: &Path) -> io::Result<()> {
+async fn serve(
+    mut stream: TcpStream,
+    acceptor: TlsAcceptor,
+    nbd_socket: &Path,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (tls, client_flags) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let client_flags = start_tls(&mut stream).await?;
@@ -146,6 +158,7 @@ async fn serve(mut stream: TcpStream, acceptor: TlsAcceptor, nbd_socket: &Path) 
     })
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake took too long"))??;
+    drop(handshake);
     let mut daemon = UnixStream::connect(nbd_socket).await?;
     let mut greeting = [0u8; 18];
     daemon.read_exact(&mut greeting).await?;
@@ -193,6 +206,9 @@ async fn start_tls(stream: &mut TcpStream) -> io::Result<u32> {
                 reply(stream, option, REP_ACK).await?;
                 return Ok(client_flags);
             }
+            OPT_STARTTLS => reply(stream, option, REP_ERR_INVALID).await?,
+            // It has no reply format: a server that will not serve it closes the connection.
+            OPT_EXPORT_NAME => return Err(io::Error::other("NBD_OPT_EXPORT_NAME before TLS")),
             OPT_ABORT => {
                 let _ = reply(stream, option, REP_ACK).await;
                 return Err(io::Error::other("client aborted"));

@@ -1,22 +1,50 @@
 # SPDX-License-Identifier: Apache-2.0
 # Shell helpers shared by scripts/run and scripts/test (sourced, not run).
 
-# Installs the Debian packages given that are not installed yet.
+# Runs a command as root (sudo when not root already).
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# On Debian 12 (bookworm), QEMU 10 comes from bookworm-backports (bookworm itself has 7.2, and
+# qemu-system-x86 must match the qemu-utils the machine already has). Adds that source if it
+# is missing; prints the apt target release to install from (empty elsewhere).
+backports_release() {
+  local codename
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  [ "$codename" = bookworm ] || return 0
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "== adding the bookworm-backports apt source (QEMU 10)" >&2
+    as_root tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+  fi
+  echo bookworm-backports
+}
+
+# Installs the Debian packages given that are not installed yet (from backports where the
+# release has them: a newer QEMU).
 install_packages() {
   local missing=() pkg
   for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ "${#missing[@]}" -eq 0 ] && return 0
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  local release target=()
+  release=$(backports_release)
+  [ -n "$release" ] && target=(-t "$release")
   echo "== installing ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" "${missing[@]}"
 }
 
-# What the providers drive: qemu-storage-daemon, qemu-img and qemu-io.
-RUNTIME_PACKAGES=(qemu-utils)
+# What the providers drive: qemu-storage-daemon, qemu-img and qemu-io (volumes), and
+# qemu-system-x86_64 (machines).
+RUNTIME_PACKAGES=(qemu-utils qemu-system-x86)
 
 # What only the tests need: a real OCI registry (the CNCF distribution server) to pull
 # IronCore images from.

@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Volumes with driver `nbd`, as the volume provider hands them out: attribute `uri` is
+//! `nbd+unix:///<export>?socket=<absolute socket path>` or `nbd://<host>[:<port>]/<export>`.
+//!
+//! A unix socket path comes from a request, so it must lie inside one of the configured
+//! `nbd_socket_dirs` (checked after resolving symlinks and `..`): a client cannot make QEMU
+//! connect to arbitrary sockets of the host.
+
+use std::path::{Path, PathBuf};
+
+use iri_runtime::validate::shorten;
+
+/// The `uri` attribute of an `nbd` volume.
+pub const URI: &str = "uri";
+
+/// Where an NBD export is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Server {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// TCP.
+    Tcp {
+        /// Host name or IP address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// An NBD export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// The server.
+    pub server: Server,
+    /// The export name.
+    pub name: String,
+}
+
+/// Parses an NBD URI and checks a unix socket against `socket_dirs`.
+pub fn parse(uri: &str, socket_dirs: &[PathBuf]) -> Result<Export, String> {
+    let safe = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    };
+    if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
+        let (name, query) = rest
+            .split_once('?')
+            .ok_or_else(|| format!("{:?} has no ?socket=<path>", shorten(uri)))?;
+        let socket = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("socket="))
+            .ok_or_else(|| format!("{:?} has no ?socket=<path>", shorten(uri)))?;
+        if !safe(name) {
+            return Err(format!("{:?}: unsupported export name", shorten(uri)));
+        }
+        let socket = Path::new(socket);
+        if !socket.is_absolute() {
+            return Err(format!("{:?}: the socket path is not absolute", shorten(uri)));
+        }
+        // The socket may not exist yet (a volume provider restarting): check its directory.
+        let parent = socket
+            .parent()
+            .and_then(|p| p.canonicalize().ok())
+            .ok_or_else(|| format!("{:?}: the socket's directory does not exist", shorten(uri)))?;
+        let file = socket
+            .file_name()
+            .filter(|f| *f != ".." && *f != ".")
+            .ok_or_else(|| format!("{:?}: not a socket path", shorten(uri)))?;
+        let inside = socket_dirs
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .any(|d| parent.starts_with(d));
+        if !inside {
+            return Err(format!(
+                "{:?}: the socket is not inside the configured nbd_socket_dirs",
+                shorten(uri)
+            ));
+        }
+        return Ok(Export {
+            server: Server::Unix(parent.join(file)),
+            name: name.to_string(),
+        });
+    }
+    if let Some(rest) = uri.strip_prefix("nbd://") {
+        let (authority, name) = rest
+            .split_once('/')
+            .ok_or_else(|| format!("{:?} has no export name", shorten(uri)))?;
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (
+                host,
+                port.parse()
+                    .map_err(|_| format!("{:?}: bad port", shorten(uri)))?,
+            ),
+            None => (authority, 10809),
+        };
+        if !safe(host) || !safe(name) {
+            return Err(format!("{:?}: unsupported host or export name", shorten(uri)));
+        }
+        return Ok(Export {
+            server: Server::Tcp {
+                host: host.to_string(),
+                port,
+            },
+            name: name.to_string(),
+        });
+    }
+    Err(format!("{:?} is not an nbd+unix:/// or nbd:// URI", shorten(uri)))
+}
+
+/// The block node of `export` named `node`, as `blockdev-add` and `-blockdev` take it (JSON).
+pub fn blockdev(export: &Export, node: &str) -> serde_json::Value {
+    let server = match &export.server {
+        Server::Unix(path) => serde_json::json!({"type": "unix", "path": path}),
+        Server::Tcp { host, port } => {
+            serde_json::json!({"type": "inet", "host": host, "port": port.to_string()})
+        }
+    };
+    // reconnect-delay: a volume provider restart (or an expansion, which reconnects clients)
+    // stalls I/O for a moment instead of failing it.
+    serde_json::json!({
+        "driver": "nbd", "node-name": node, "server": server, "export": export.name,
+        "reconnect-delay": 10,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_volume_providers_uris_inside_allowed_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = vec![dir.path().to_path_buf()];
+        let socket = dir.path().join("nbd.sock");
+        let uri = format!("nbd+unix:///0123abcd?socket={}", socket.display());
+        let export = parse(&uri, &dirs).unwrap();
+        assert_eq!(export.name, "0123abcd");
+        assert_eq!(
+            export.server,
+            Server::Unix(socket.canonicalize().unwrap_or(socket.clone()))
+        );
+        let node = blockdev(&export, "d0");
+        assert_eq!(node["server"]["type"], "unix");
+        assert_eq!(node["export"], "0123abcd");
+
+        let tcp = parse("nbd://10.0.0.1:10810/vol", &[]).unwrap();
+        assert_eq!(
+            tcp.server,
+            Server::Tcp {
+                host: "10.0.0.1".into(),
+                port: 10810
+            }
+        );
+        let node = blockdev(&tcp, "d0");
+        assert_eq!(node["server"]["host"], "10.0.0.1");
+        assert_eq!(node["server"]["port"], "10810");
+    }
+
+    #[test]
+    fn refuses_sockets_elsewhere_and_odd_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let dirs = vec![dir.path().to_path_buf()];
+        let outside = format!("nbd+unix:///v?socket={}/nbd.sock", other.path().display());
+        assert!(parse(&outside, &dirs).unwrap_err().contains("nbd_socket_dirs"));
+        let sneaky = format!(
+            "nbd+unix:///v?socket={}/../{}/nbd.sock",
+            dir.path().display(),
+            other.path().display()
+        );
+        assert!(parse(&sneaky, &dirs).is_err());
+        let comma = format!(
+            "nbd+unix:///v,driver=file?socket={}/nbd.sock",
+            dir.path().display()
+        );
+        assert!(parse(&comma, &dirs).is_err());
+        assert!(parse("nbd://host/a,b", &[]).is_err());
+        assert!(parse("iscsi://x/y", &[]).is_err());
+    }
+}

@@ -1,0 +1,1166 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The gRPC adapter: `machine.v1alpha1.MachineRuntime`.
+//!
+//! Every handler validates the request (InvalidArgument naming the field, NotFound for unknown
+//! ids), turns it into one store write, and returns. Nothing here waits for QEMU: the store's
+//! change feed wakes the reconciler, which starts, stops and removes QEMU processes and writes
+//! the status. Lists are served from the store's in-memory cache.
+//!
+//! Validation mirrors the reference runtime (`iri-testing`). Deliberate differences:
+//! * a boot image (`local_disk.image`) must be a local directory under one of the configured
+//!   `image_dirs`, given as `file:///dir` or `/dir`, holding `vmlinuz` and `initramfs` (or
+//!   `initramfs.cpio.gz`) for direct kernel boot; OCI images are rejected with InvalidArgument
+//!   ("not supported yet") rather than accepted into a machine that can never boot;
+//! * `connection` volumes of driver `nbd` (the volume provider's) are attached at start; their
+//!   `uri` must name a socket inside `nbd_socket_dirs` (or NBD over TCP). Other drivers (`ceph`)
+//!   are accepted and round-trip, but not attached: their status stays PENDING and a Warning
+//!   event says why. Network interfaces are attached with the `isolated` plugin (see
+//!   `reconcile`);
+//! * AttachVolume/DetachVolume and AttachNetworkInterface/DetachNetworkInterface hot-plug and
+//!   unplug `local_disk` (without image) and `nbd` volumes and NICs on a running machine (on a
+//!   stopped one they take effect at the next start); a detached one stays in status until the
+//!   guest has let go of it;
+//! * UpdateVolume checks the request and the name (NotFound / InvalidArgument exactly as the
+//!   contract wants) and then answers UNIMPLEMENTED: online resize is not there yet, and
+//!   changing the spec without the device would make the status lie.
+//!
+//! # Capacity
+//!
+//! `Status` reports per class how many more machines of it fit: for every resource the class
+//! names, `(host capacity − reserve − what every existing machine of every class holds) / what
+//! one machine of the class needs`, the smallest of these, floored at 0. Machines hold their
+//! resources from create until they are gone, powered off or not (they may be powered on at any
+//! time). CreateMachine beyond that is RESOURCE_EXHAUSTED.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use iri_api::machine::v1alpha1::{
+    AttachNetworkInterfaceRequest, AttachNetworkInterfaceResponse, AttachVolumeRequest, AttachVolumeResponse,
+    CreateMachineRequest, CreateMachineResponse, DeleteMachineRequest, DeleteMachineResponse,
+    DetachNetworkInterfaceRequest, DetachNetworkInterfaceResponse, DetachVolumeRequest, DetachVolumeResponse,
+    ExecRequest, ExecResponse, ListEventsRequest, ListEventsResponse, ListMachinesRequest,
+    ListMachinesResponse, Machine, MachineClass as IriMachineClass, MachineClassCapabilities,
+    MachineClassStatus, MachineSpec, MachineState, MachineStatus, NetworkInterface, NetworkInterfaceState,
+    NetworkInterfaceStatus, Power, StatusRequest, StatusResponse, UpdateMachineAnnotationsRequest,
+    UpdateMachineAnnotationsResponse, UpdateMachinePowerRequest, UpdateMachinePowerResponse,
+    UpdateVolumeRequest, UpdateVolumeResponse, VersionRequest, VersionResponse, Volume, VolumeState,
+    VolumeStatus, machine_runtime_server,
+};
+use iri_runtime::{
+    Error, EventFilter, EventType, ObjectFilter, Result, Store,
+    error::reply,
+    validate::{client_metadata, shorten, string_map},
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    config::{Config, MachineClass},
+    exec::ExecServer,
+    record::{MachineRecord, blocking, record_event},
+};
+
+/// `VersionResponse.runtime_name`: what poollets put in front of ids (`<name>://<id>`).
+pub const RUNTIME_NAME: &str = "iri-machine-provider";
+
+/// Longest volume or network interface name: a Kubernetes object name segment.
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// The `MachineRuntime` service.
+pub struct MachineService {
+    store: Store,
+    config: Arc<Config>,
+    exec: Arc<ExecServer>,
+    /// Serializes "is there room?" with the store write that takes the room, so concurrent
+    /// creates cannot together promise more than there is.
+    admission: tokio::sync::Mutex<()>,
+}
+
+impl MachineService {
+    /// A service over `store` with the classes, capacity and image directories of `config`.
+    pub fn new(store: Store, config: Arc<Config>, exec: Arc<ExecServer>) -> Self {
+        MachineService {
+            store,
+            config,
+            exec,
+            admission: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn insert_machine(&self, request: CreateMachineRequest) -> Result<Machine> {
+        let machine = request.machine.ok_or_else(|| Error::required("machine"))?;
+        let metadata = client_metadata("machine", machine.metadata)?;
+        let spec = machine.spec.ok_or_else(|| Error::required("machine.spec"))?;
+        self.validate_spec(&spec)?;
+
+        let admission = self.admission.lock().await;
+        let free = self.free_quantity(&spec.class);
+        if free < 1 {
+            return Err(Error::ResourceExhausted(format!(
+                "no capacity left for machine class {:?}",
+                spec.class
+            )));
+        }
+        let record = MachineRecord {
+            metadata: Some(metadata),
+            status: Some(initial_status(&spec)),
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let store = self.store.clone();
+        let stored = blocking(move || store.create(record)).await?.object;
+        drop(admission);
+
+        tracing::info!(id = %stored.id(), class = %stored.class(), "machine created");
+        record_event(
+            &self.store,
+            stored.metadata.as_ref(),
+            EventType::Normal,
+            "Created",
+            "Create",
+            format!("Created machine of class {:?}", stored.class()),
+        )
+        .await;
+        Ok(stored.into_machine())
+    }
+
+    /// Checks everything about a spec that does not depend on state.
+    fn validate_spec(&self, spec: &MachineSpec) -> Result<()> {
+        if spec.class.is_empty() {
+            return Err(Error::required("machine.spec.class"));
+        }
+        if self.config.class(&spec.class).is_none() {
+            let known: Vec<&str> = self.config.classes.iter().map(|c| c.name.as_str()).collect();
+            return Err(Error::invalid(
+                "machine.spec.class",
+                format!(
+                    "unknown machine class {:?} (known: {})",
+                    shorten(&spec.class),
+                    known.join(", ")
+                ),
+            ));
+        }
+        validate_power("machine.spec.power", spec.power)?;
+        if spec.ignition_data.len() > MAX_IGNITION_BYTES {
+            return Err(Error::invalid(
+                "machine.spec.ignition_data",
+                format!(
+                    "is {} bytes long, at most {MAX_IGNITION_BYTES} are allowed",
+                    spec.ignition_data.len()
+                ),
+            ));
+        }
+        if let Some(guest) = &spec.guest_config
+            && !guest.hostname.is_empty()
+        {
+            validate_hostname("machine.spec.guest_config.hostname", &guest.hostname)?;
+        }
+        let mut names = HashSet::new();
+        let mut devices = HashSet::new();
+        let mut boot = None;
+        for (i, volume) in spec.volumes.iter().enumerate() {
+            let field = format!("machine.spec.volumes[{i}]");
+            validate_volume(&field, volume)?;
+            if !names.insert(volume.name.as_str()) {
+                return Err(Error::invalid(
+                    format!("{field}.name"),
+                    format!("duplicate volume name {:?}", shorten(&volume.name)),
+                ));
+            }
+            if !volume.device.is_empty() && !devices.insert(volume.device.as_str()) {
+                return Err(Error::invalid(
+                    format!("{field}.device"),
+                    format!("duplicate device {:?}", volume.device),
+                ));
+            }
+            if let Some(image) = volume.local_disk.as_ref().and_then(|d| d.image.as_ref()) {
+                let field = format!("{field}.local_disk.image.image");
+                if let Some(first) = boot.replace(i) {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "machine.spec.volumes[{first}] has a boot image already; only one volume may"
+                        ),
+                    ));
+                }
+                resolve_image(&self.config.image_dirs, &image.image)
+                    .map_err(|reason| Error::invalid(field, reason))?;
+            }
+            self.check_nbd(&field, volume)?;
+        }
+        let mut names = HashSet::new();
+        for (i, nic) in spec.network_interfaces.iter().enumerate() {
+            let field = format!("machine.spec.network_interfaces[{i}]");
+            validate_nic(&field, nic)?;
+            if !names.insert(nic.name.as_str()) {
+                return Err(Error::invalid(
+                    format!("{field}.name"),
+                    format!("duplicate network interface name {:?}", shorten(&nic.name)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How many more machines of `class` fit (see the module docs).
+    fn free_quantity(&self, class: &str) -> i64 {
+        let Some(class) = self.config.class(class) else {
+            return 0;
+        };
+        let free = self.free_resources();
+        quantity(class, &free)
+    }
+
+    /// Host capacity minus reserve minus what every stored machine holds, per resource.
+    fn free_resources(&self) -> BTreeMap<String, i64> {
+        let mut free = self.config.host_capacity();
+        for (name, reserved) in &self.config.reserve {
+            if let Some(value) = free.get_mut(name) {
+                *value = value.saturating_sub(*reserved);
+            }
+        }
+        for stored in self.store.list::<MachineRecord>(&ObjectFilter::default()) {
+            let Some(class) = self.config.class(stored.object.class()) else {
+                // A class removed from the config while machines of it exist: what they hold
+                // is unknown; they are reported at startup (see `run`).
+                continue;
+            };
+            for (name, held) in &class.resources {
+                if let Some(value) = free.get_mut(name) {
+                    *value = value.saturating_sub(*held);
+                }
+            }
+        }
+        free
+    }
+
+    fn status(&self) -> Vec<MachineClassStatus> {
+        let free = self.free_resources();
+        self.config
+            .classes
+            .iter()
+            .map(|class| MachineClassStatus {
+                machine_class: Some(IriMachineClass {
+                    name: class.name.clone(),
+                    capabilities: Some(MachineClassCapabilities {
+                        resources: class.resources.clone().into_iter().collect(),
+                    }),
+                }),
+                quantity: quantity(class, &free),
+            })
+            .collect()
+    }
+
+    async fn request_deletion(&self, id: String) -> Result<()> {
+        let current = self.store.get::<MachineRecord>(&id)?.object;
+        if current.is_deleting() {
+            // Poollets poll Delete until NotFound: OK while the machine is being removed.
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let marked = {
+            let id = id.clone();
+            blocking(move || store.mark_deleted::<MachineRecord>(&id))
+                .await?
+                .object
+        };
+        tracing::info!(id = %id, "machine deletion requested");
+        record_event(
+            &self.store,
+            marked.metadata.as_ref(),
+            EventType::Normal,
+            "Deleting",
+            "Delete",
+            "Deleting machine".to_string(),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn set_power(&self, request: UpdateMachinePowerRequest) -> Result<()> {
+        let power = validate_power("power", request.power)?;
+        let id = request.machine_id;
+        let current = self.store.get::<MachineRecord>(&id)?.object;
+        if current.spec.as_ref().is_some_and(|s| s.power == request.power) {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let updated = {
+            let id = id.clone();
+            blocking(move || {
+                store.update::<MachineRecord>(&id, |record| {
+                    if record.is_deleting() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "machine {id:?} is being deleted"
+                        )));
+                    }
+                    record.spec.get_or_insert_with(Default::default).power = power as i32;
+                    Ok(())
+                })
+            })
+            .await?
+            .object
+        };
+        record_event(
+            &self.store,
+            updated.metadata.as_ref(),
+            EventType::Normal,
+            "PowerChanged",
+            "UpdatePower",
+            format!("Set power to {}", power.as_str_name()),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn set_annotations(&self, request: UpdateMachineAnnotationsRequest) -> Result<()> {
+        string_map("annotations", &request.annotations)?;
+        let id = request.machine_id;
+        self.store.get::<MachineRecord>(&id)?;
+        let store = self.store.clone();
+        let annotations = request.annotations;
+        blocking(move || {
+            store.update::<MachineRecord>(&id, |record| {
+                // Annotations are metadata, not spec: replaced wholesale, generation untouched.
+                record.metadata_mut_annotations().clone_from(&annotations);
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The machine `id`, NotFound if unknown.
+    fn machine(&self, id: &str) -> Result<MachineRecord> {
+        Ok(self.store.get::<MachineRecord>(id)?.object)
+    }
+
+    async fn attach_volume(&self, request: AttachVolumeRequest) -> Result<()> {
+        let volume = request.volume.ok_or_else(|| Error::required("volume"))?;
+        validate_volume("volume", &volume)?;
+        if volume.local_disk.as_ref().is_some_and(|d| d.image.is_some()) {
+            return Err(Error::invalid(
+                "volume.local_disk.image",
+                "a boot image can only be given at CreateMachine, not attached later",
+            ));
+        }
+        self.check_nbd("volume", &volume)?;
+        let id = request.machine_id;
+        self.machine(&id)?;
+        let key = crate::qemu::volume_key(&volume.name);
+        let name = volume.name.clone();
+        let store = self.store.clone();
+        let updated = blocking(move || {
+            store.update::<MachineRecord>(&id, |record| {
+                if record.is_deleting() {
+                    return Err(Error::FailedPrecondition(format!("machine {id:?} is being deleted")));
+                }
+                let detaching = record.detaching.clone();
+                let spec = record.spec.get_or_insert_with(Default::default);
+                if spec.volumes.iter().any(|v| v.name == volume.name) {
+                    return Err(Error::AlreadyExists {
+                        kind: "volume attachment",
+                        id: volume.name.clone(),
+                    });
+                }
+                if detaching.iter().any(|v| v.name == volume.name) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {:?} is still being detached from machine {id:?}; attach it again once it is gone",
+                        volume.name
+                    )));
+                }
+                if !volume.device.is_empty()
+                    && let Some(other) = spec.volumes.iter().find(|v| v.device == volume.device)
+                {
+                    return Err(Error::invalid(
+                        "volume.device",
+                        format!("device {:?} is already used by volume {:?}", volume.device, other.name),
+                    ));
+                }
+                if let Some(other) = spec
+                    .volumes
+                    .iter()
+                    .chain(&detaching)
+                    .find(|v| crate::qemu::volume_key(&v.name) == key)
+                {
+                    // 64-bit hashes of names do not collide in practice; if they ever do, the
+                    // devices would, so refuse rather than confuse them.
+                    return Err(Error::invalid(
+                        "volume.name",
+                        format!("{:?} collides with volume {:?}; choose another name", volume.name, other.name),
+                    ));
+                }
+                spec.volumes.push(volume.clone());
+                Ok(())
+            })
+        })
+        .await?
+        .object;
+        record_event(
+            &self.store,
+            updated.metadata.as_ref(),
+            EventType::Normal,
+            "VolumeAttaching",
+            "AttachVolume",
+            format!("Attaching volume {name:?}"),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn detach_volume(&self, request: DetachVolumeRequest) -> Result<()> {
+        if request.name.is_empty() {
+            return Err(Error::required("name"));
+        }
+        let id = request.machine_id;
+        self.machine(&id)?;
+        let name = request.name;
+        let store = self.store.clone();
+        let updated = {
+            let name = name.clone();
+            blocking(move || {
+                store.update::<MachineRecord>(&id, |record| {
+                    let spec = record.spec.get_or_insert_with(Default::default);
+                    let at = spec
+                        .volumes
+                        .iter()
+                        .position(|v| v.name == name)
+                        .ok_or_else(|| Error::not_found("volume attachment", name.clone()))?;
+                    let volume = spec.volumes.remove(at);
+                    // The device goes when the guest lets go of it; until then it stays in status.
+                    record.detaching.retain(|v| v.name != volume.name);
+                    record.detaching.push(volume);
+                    Ok(())
+                })
+            })
+            .await?
+            .object
+        };
+        record_event(
+            &self.store,
+            updated.metadata.as_ref(),
+            EventType::Normal,
+            "VolumeDetaching",
+            "DetachVolume",
+            format!("Detaching volume {name:?}"),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// An `nbd` volume's `uri` must parse and name an allowed socket; `field` is the volume's
+    /// path in the request.
+    fn check_nbd(&self, field: &str, volume: &Volume) -> Result<()> {
+        if let Some(connection) = volume
+            .connection
+            .as_ref()
+            .filter(|c| c.driver == crate::reconcile::NBD_DRIVER)
+        {
+            let field = format!("{field}.connection.attributes[\"{}\"]", crate::nbd::URI);
+            let uri = connection
+                .attributes
+                .get(crate::nbd::URI)
+                .ok_or_else(|| Error::required(field.clone()))?;
+            crate::nbd::parse(uri, &self.config.nbd_socket_dirs)
+                .map_err(|reason| Error::invalid(field, reason))?;
+        }
+        Ok(())
+    }
+
+    fn update_volume_checked(&self, request: UpdateVolumeRequest) -> std::result::Result<(), Status> {
+        let volume = request.volume.ok_or_else(|| Error::required("volume"))?;
+        validate_volume("volume", &volume)?;
+        let machine = self.machine(&request.machine_id)?;
+        if !machine
+            .spec
+            .unwrap_or_default()
+            .volumes
+            .iter()
+            .any(|v| v.name == volume.name)
+        {
+            return Err(Error::not_found("volume attachment", volume.name).into());
+        }
+        Err(Status::unimplemented(hotplug_missing("UpdateVolume")))
+    }
+
+    async fn attach_nic(&self, request: AttachNetworkInterfaceRequest) -> Result<()> {
+        let nic = request
+            .network_interface
+            .ok_or_else(|| Error::required("network_interface"))?;
+        validate_nic("network_interface", &nic)?;
+        let id = request.machine_id;
+        self.machine(&id)?;
+        let key = crate::qemu::volume_key(&nic.name);
+        let name = nic.name.clone();
+        let store = self.store.clone();
+        let updated = blocking(move || {
+            store.update::<MachineRecord>(&id, |record| {
+                if record.is_deleting() {
+                    return Err(Error::FailedPrecondition(format!("machine {id:?} is being deleted")));
+                }
+                let detaching = record.detaching_nics.clone();
+                let spec = record.spec.get_or_insert_with(Default::default);
+                if spec.network_interfaces.iter().any(|n| n.name == nic.name) {
+                    return Err(Error::AlreadyExists {
+                        kind: "network interface",
+                        id: nic.name.clone(),
+                    });
+                }
+                if detaching.iter().any(|n| n.name == nic.name) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "network interface {:?} is still being detached from machine {id:?}; attach it again once it is gone",
+                        nic.name
+                    )));
+                }
+                if let Some(other) = spec
+                    .network_interfaces
+                    .iter()
+                    .chain(&detaching)
+                    .find(|n| crate::qemu::volume_key(&n.name) == key)
+                {
+                    return Err(Error::invalid(
+                        "network_interface.name",
+                        format!("{:?} collides with network interface {:?}; choose another name", nic.name, other.name),
+                    ));
+                }
+                spec.network_interfaces.push(nic.clone());
+                Ok(())
+            })
+        })
+        .await?
+        .object;
+        record_event(
+            &self.store,
+            updated.metadata.as_ref(),
+            EventType::Normal,
+            "NICAttaching",
+            "AttachNetworkInterface",
+            format!("Attaching network interface {name:?}"),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn detach_nic(&self, request: DetachNetworkInterfaceRequest) -> Result<()> {
+        if request.name.is_empty() {
+            return Err(Error::required("name"));
+        }
+        let id = request.machine_id;
+        self.machine(&id)?;
+        let name = request.name;
+        let store = self.store.clone();
+        let updated = {
+            let name = name.clone();
+            blocking(move || {
+                store.update::<MachineRecord>(&id, |record| {
+                    let spec = record.spec.get_or_insert_with(Default::default);
+                    let at = spec
+                        .network_interfaces
+                        .iter()
+                        .position(|n| n.name == name)
+                        .ok_or_else(|| Error::not_found("network interface", name.clone()))?;
+                    let nic = spec.network_interfaces.remove(at);
+                    record.detaching_nics.retain(|n| n.name != nic.name);
+                    record.detaching_nics.push(nic);
+                    Ok(())
+                })
+            })
+            .await?
+            .object
+        };
+        record_event(
+            &self.store,
+            updated.metadata.as_ref(),
+            EventType::Normal,
+            "NICDetaching",
+            "DetachNetworkInterface",
+            format!("Detaching network interface {name:?}"),
+        )
+        .await;
+        Ok(())
+    }
+
+    fn exec(&self, request: ExecRequest) -> Result<String> {
+        let machine = self.machine(&request.machine_id)?;
+        if machine.is_deleting() {
+            return Err(Error::FailedPrecondition(format!(
+                "machine {:?} is being deleted",
+                request.machine_id
+            )));
+        }
+        self.exec.issue(&request.machine_id)
+    }
+}
+
+/// The most ignition data a machine may carry (it is passed to QEMU as a file through fw_cfg).
+pub const MAX_IGNITION_BYTES: usize = 4 << 20;
+
+fn hotplug_missing(rpc: &str) -> String {
+    format!("{rpc}: online volume resize is not implemented yet by {RUNTIME_NAME}")
+}
+
+impl MachineRecord {
+    fn metadata_mut_annotations(&mut self) -> &mut BTreeMap<String, String> {
+        &mut self.metadata.get_or_insert_with(Default::default).annotations
+    }
+}
+
+/// Quantity of `class` that fits into `free`.
+fn quantity(class: &MachineClass, free: &BTreeMap<String, i64>) -> i64 {
+    class
+        .resources
+        .iter()
+        .filter(|(_, need)| **need > 0)
+        .map(|(name, need)| free.get(name).copied().unwrap_or(0).max(0) / need)
+        .min()
+        .unwrap_or(0)
+}
+
+/// The status of a machine nothing has been done for yet.
+fn initial_status(spec: &MachineSpec) -> MachineStatus {
+    MachineStatus {
+        observed_generation: 0,
+        state: MachineState::MachinePending as i32,
+        volumes: spec
+            .volumes
+            .iter()
+            .map(|v| VolumeStatus {
+                name: v.name.clone(),
+                handle: String::new(),
+                state: VolumeState::VolumePending as i32,
+            })
+            .collect(),
+        network_interfaces: spec
+            .network_interfaces
+            .iter()
+            .map(|n| NetworkInterfaceStatus {
+                name: n.name.clone(),
+                handle: String::new(),
+                state: NetworkInterfaceState::NetworkInterfacePending as i32,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn validate_power(field: &str, power: i32) -> Result<Power> {
+    Power::try_from(power).map_err(|_| {
+        Error::invalid(
+            field,
+            format!("unknown power {power} (0 = POWER_ON, 1 = POWER_OFF)"),
+        )
+    })
+}
+
+/// RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens, each at most
+/// 63 characters, 253 in all. Anything else could not be handed to the guest safely.
+fn validate_hostname(field: &str, name: &str) -> Result<()> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(Error::invalid(
+            field,
+            format!("{:?} is not a valid host name (RFC 1123)", shorten(name)),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::required(field));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{:?} is {} bytes long, at most {MAX_NAME_BYTES} are allowed",
+                shorten(name),
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one volume attachment; `field` is its path in the request.
+fn validate_volume(field: &str, volume: &Volume) -> Result<()> {
+    validate_name(&format!("{field}.name"), &volume.name)?;
+    if volume.device.len() > 16
+        || !volume
+            .device
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(Error::invalid(
+            format!("{field}.device"),
+            format!(
+                "{:?} is not a device name (at most 16 lowercase letters and digits, e.g. oda)",
+                shorten(&volume.device)
+            ),
+        ));
+    }
+    match (&volume.local_disk, &volume.connection) {
+        (Some(disk), None) => {
+            if disk.size_bytes < 0 {
+                return Err(Error::invalid(
+                    format!("{field}.local_disk.size_bytes"),
+                    "must not be negative",
+                ));
+            }
+            if disk.image.as_ref().is_some_and(|i| i.image.is_empty()) {
+                return Err(Error::required(format!("{field}.local_disk.image.image")));
+            }
+        }
+        (None, Some(connection)) => {
+            if connection.driver.is_empty() {
+                return Err(Error::required(format!("{field}.connection.driver")));
+            }
+            if connection.handle.is_empty() {
+                return Err(Error::required(format!("{field}.connection.handle")));
+            }
+            if connection.effective_storage_bytes < 0 {
+                return Err(Error::invalid(
+                    format!("{field}.connection.effective_storage_bytes"),
+                    "must not be negative",
+                ));
+            }
+            string_map(&format!("{field}.connection.attributes"), &connection.attributes)?;
+        }
+        _ => {
+            return Err(Error::invalid(
+                field.to_string(),
+                "exactly one of local_disk and connection must be set",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks one network interface; `field` is its path in the request.
+fn validate_nic(field: &str, nic: &NetworkInterface) -> Result<()> {
+    validate_name(&format!("{field}.name"), &nic.name)?;
+    if nic.network_id.is_empty() {
+        return Err(Error::required(format!("{field}.network_id")));
+    }
+    for (i, ip) in nic.ips.iter().enumerate() {
+        if ip.parse::<IpAddr>().is_err() {
+            return Err(Error::invalid(
+                format!("{field}.ips[{i}]"),
+                format!("{:?} is not an IP address", shorten(ip)),
+            ));
+        }
+    }
+    string_map(&format!("{field}.attributes"), &nic.attributes)?;
+    Ok(())
+}
+
+/// A boot image for direct kernel boot: the kernel, the initramfs, and optional extra kernel
+/// arguments (the file `cmdline` next to them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelImage {
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+    /// Extra kernel command line arguments.
+    pub cmdline: String,
+}
+
+/// Resolves an image reference of a request to a [`KernelImage`] inside one of `roots`.
+///
+/// Accepted: `file:///abs/dir` and `/abs/dir`. The directory is canonicalized (symlinks and
+/// `..` resolved) before it is checked against `roots`, so a request cannot name a file outside
+/// of them.
+pub fn resolve_image(roots: &[PathBuf], reference: &str) -> std::result::Result<KernelImage, String> {
+    let path = reference.strip_prefix("file://").unwrap_or(reference);
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{:?}: only local images (file:///dir or /dir, a directory with vmlinuz and initramfs) \
+             are supported yet; OCI images are not",
+            shorten(reference)
+        ));
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{:?}: no image_dirs are configured, so no local image is accepted",
+            shorten(reference)
+        ));
+    }
+    let dir = Path::new(path)
+        .canonicalize()
+        .map_err(|e| format!("{:?}: {e}", shorten(reference)))?;
+    let inside = roots
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .any(|root| dir.starts_with(root));
+    if !inside {
+        return Err(format!(
+            "{:?} is not inside the configured image_dirs",
+            shorten(reference)
+        ));
+    }
+    let kernel = dir.join("vmlinuz");
+    if !kernel.is_file() {
+        return Err(format!("{:?} has no file vmlinuz", shorten(reference)));
+    }
+    let initramfs = ["initramfs", "initramfs.cpio.gz"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "{:?} has no file initramfs (or initramfs.cpio.gz)",
+                shorten(reference)
+            )
+        })?;
+    let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    Ok(KernelImage {
+        kernel,
+        initramfs,
+        cmdline,
+    })
+}
+
+#[tonic::async_trait]
+impl machine_runtime_server::MachineRuntime for MachineService {
+    async fn version(&self, _: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
+        Ok(Response::new(VersionResponse {
+            runtime_name: RUNTIME_NAME.to_string(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let filter = request
+            .into_inner()
+            .filter
+            .map(|f| EventFilter {
+                id: f.id,
+                label_selector: f.label_selector,
+                from: f.events_from_time,
+                to: f.events_to_time,
+            })
+            .unwrap_or_default();
+        let store = self.store.clone();
+        reply(blocking(move || store.list_events(&filter)).await, |events| {
+            ListEventsResponse { events }
+        })
+    }
+
+    async fn list_machines(
+        &self,
+        request: Request<ListMachinesRequest>,
+    ) -> Result<Response<ListMachinesResponse>, Status> {
+        let filter = request
+            .into_inner()
+            .filter
+            .map(|f| ObjectFilter {
+                id: f.id,
+                label_selector: f.label_selector,
+            })
+            .unwrap_or_default();
+        let machines = self
+            .store
+            .list::<MachineRecord>(&filter)
+            .into_iter()
+            .map(|s| s.object.into_machine())
+            .collect();
+        Ok(Response::new(ListMachinesResponse { machines }))
+    }
+
+    async fn create_machine(
+        &self,
+        request: Request<CreateMachineRequest>,
+    ) -> Result<Response<CreateMachineResponse>, Status> {
+        reply(self.insert_machine(request.into_inner()).await, |m| {
+            CreateMachineResponse { machine: Some(m) }
+        })
+    }
+
+    async fn delete_machine(
+        &self,
+        request: Request<DeleteMachineRequest>,
+    ) -> Result<Response<DeleteMachineResponse>, Status> {
+        reply(
+            self.request_deletion(request.into_inner().machine_id).await,
+            |()| DeleteMachineResponse {},
+        )
+    }
+
+    async fn update_machine_annotations(
+        &self,
+        request: Request<UpdateMachineAnnotationsRequest>,
+    ) -> Result<Response<UpdateMachineAnnotationsResponse>, Status> {
+        reply(self.set_annotations(request.into_inner()).await, |()| {
+            UpdateMachineAnnotationsResponse {}
+        })
+    }
+
+    async fn update_machine_power(
+        &self,
+        request: Request<UpdateMachinePowerRequest>,
+    ) -> Result<Response<UpdateMachinePowerResponse>, Status> {
+        reply(self.set_power(request.into_inner()).await, |()| {
+            UpdateMachinePowerResponse {}
+        })
+    }
+
+    async fn attach_volume(
+        &self,
+        request: Request<AttachVolumeRequest>,
+    ) -> Result<Response<AttachVolumeResponse>, Status> {
+        reply(self.attach_volume(request.into_inner()).await, |()| {
+            AttachVolumeResponse {}
+        })
+    }
+
+    async fn detach_volume(
+        &self,
+        request: Request<DetachVolumeRequest>,
+    ) -> Result<Response<DetachVolumeResponse>, Status> {
+        reply(self.detach_volume(request.into_inner()).await, |()| {
+            DetachVolumeResponse {}
+        })
+    }
+
+    async fn update_volume(
+        &self,
+        request: Request<UpdateVolumeRequest>,
+    ) -> Result<Response<UpdateVolumeResponse>, Status> {
+        self.update_volume_checked(request.into_inner())
+            .map(|()| Response::new(UpdateVolumeResponse {}))
+    }
+
+    async fn attach_network_interface(
+        &self,
+        request: Request<AttachNetworkInterfaceRequest>,
+    ) -> Result<Response<AttachNetworkInterfaceResponse>, Status> {
+        reply(self.attach_nic(request.into_inner()).await, |()| {
+            AttachNetworkInterfaceResponse {}
+        })
+    }
+
+    async fn detach_network_interface(
+        &self,
+        request: Request<DetachNetworkInterfaceRequest>,
+    ) -> Result<Response<DetachNetworkInterfaceResponse>, Status> {
+        reply(self.detach_nic(request.into_inner()).await, |()| {
+            DetachNetworkInterfaceResponse {}
+        })
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(StatusResponse {
+            machine_class_status: self.status(),
+        }))
+    }
+
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        reply(self.exec(request.into_inner()), |url| ExecResponse { url })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(cpu: i64, memory: i64) -> MachineClass {
+        MachineClass {
+            name: "c".into(),
+            resources: BTreeMap::from([("cpu".into(), cpu), ("memory".into(), memory)]),
+        }
+    }
+
+    #[test]
+    fn quantity_is_the_scarcest_resource() {
+        let free = BTreeMap::from([("cpu".into(), 8), ("memory".into(), 10)]);
+        assert_eq!(quantity(&class(2, 3), &free), 3);
+        assert_eq!(quantity(&class(3, 1), &free), 2);
+        let over = BTreeMap::from([("cpu".into(), -4), ("memory".into(), 10)]);
+        assert_eq!(quantity(&class(1, 1), &over), 0);
+    }
+
+    fn service(dir: &Path) -> MachineService {
+        let config = Config {
+            classes: vec![
+                MachineClass {
+                    name: "small".into(),
+                    resources: BTreeMap::from([("cpu".into(), 1), ("memory".into(), 2)]),
+                },
+                MachineClass {
+                    name: "big".into(),
+                    resources: BTreeMap::from([("cpu".into(), 4), ("memory".into(), 4)]),
+                },
+            ],
+            capacity: BTreeMap::from([("cpu".into(), 10), ("memory".into(), 13)]),
+            reserve: BTreeMap::from([("memory".into(), 1)]),
+            ..Config::default()
+        };
+        let store = Store::open(&dir.join("store.db"), Default::default()).unwrap();
+        let machines = Arc::new(crate::machines::Machines::new(
+            dir.join("machines"),
+            Default::default(),
+        ));
+        let exec = Arc::new(ExecServer::new(machines, 1, std::time::Duration::from_secs(1)));
+        MachineService::new(store, Arc::new(config), exec)
+    }
+
+    fn request(class: &str) -> CreateMachineRequest {
+        CreateMachineRequest {
+            machine: Some(Machine {
+                metadata: Some(Default::default()),
+                spec: Some(MachineSpec {
+                    class: class.into(),
+                    ..Default::default()
+                }),
+                status: None,
+            }),
+        }
+    }
+
+    fn quantities(service: &MachineService) -> Vec<(String, i64)> {
+        service
+            .status()
+            .into_iter()
+            .map(|s| (s.machine_class.unwrap().name, s.quantity))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn capacity_counts_every_class_and_refuses_beyond_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        // 10 cpu, 13 - 1 = 12 memory: small fits min(10/1, 12/2) = 6, big min(10/4, 12/4) = 2.
+        assert_eq!(quantities(&service), [("small".into(), 6), ("big".into(), 2)]);
+        service.insert_machine(request("big")).await.unwrap();
+        // 6 cpu and 8 memory left.
+        assert_eq!(quantities(&service), [("small".into(), 4), ("big".into(), 1)]);
+        for _ in 0..3 {
+            service.insert_machine(request("small")).await.unwrap();
+        }
+        // 3 cpu and 2 memory left: one more small, no big.
+        assert_eq!(quantities(&service), [("small".into(), 1), ("big".into(), 0)]);
+        let err = service.insert_machine(request("big")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        service.insert_machine(request("small")).await.unwrap();
+        let err = service.insert_machine(request("small")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // A machine being deleted still holds its resources until it is gone.
+        let id = service.store.list::<MachineRecord>(&ObjectFilter::default())[0]
+            .object
+            .id()
+            .to_string();
+        service.request_deletion(id.clone()).await.unwrap();
+        assert_eq!(quantities(&service), [("small".into(), 0), ("big".into(), 0)]);
+        service.store.remove::<MachineRecord>(&id).unwrap();
+        assert_eq!(quantities(&service), [("small".into(), 2), ("big".into(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn volume_rpcs_check_names_and_track_detaches() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        let mut create = request("small");
+        let spec = create.machine.as_mut().unwrap().spec.as_mut().unwrap();
+        spec.volumes.push(Volume {
+            name: "data".into(),
+            device: "odb".into(),
+            local_disk: Some(iri_api::machine::v1alpha1::LocalDisk {
+                size_bytes: 1 << 20,
+                image: None,
+            }),
+            connection: None,
+        });
+        let id = service.insert_machine(create).await.unwrap().metadata.unwrap().id;
+        let update = |name: &str| UpdateVolumeRequest {
+            machine_id: id.clone(),
+            volume: Some(Volume {
+                name: name.into(),
+                device: "odb".into(),
+                local_disk: Some(iri_api::machine::v1alpha1::LocalDisk {
+                    size_bytes: 2 << 20,
+                    image: None,
+                }),
+                connection: None,
+            }),
+        };
+        assert_eq!(
+            service.update_volume_checked(update("nope")).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        let err = service.update_volume_checked(update("data")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(err.message().contains("not implemented"), "{}", err.message());
+        let mut unknown = update("data");
+        unknown.machine_id = "nope".into();
+        assert_eq!(
+            service.update_volume_checked(unknown).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+
+        // Detach moves the volume out of the spec into `detaching`; a second detach is
+        // NotFound, and attaching the name again waits until the detach completed.
+        let detach = DetachVolumeRequest {
+            machine_id: id.clone(),
+            name: "data".into(),
+        };
+        service.detach_volume(detach.clone()).await.unwrap();
+        assert!(service.detach_volume(detach).await.unwrap_err().is_not_found());
+        let record = service.machine(&id).unwrap();
+        assert!(record.spec.unwrap().volumes.is_empty());
+        assert_eq!(record.detaching.len(), 1);
+        let again = AttachVolumeRequest {
+            machine_id: id.clone(),
+            volume: update("data").volume,
+        };
+        let err = service.attach_volume(again).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn hostnames_follow_rfc_1123() {
+        for good in ["a", "my-host", "a.b.c", "x1"] {
+            validate_hostname("h", good).unwrap();
+        }
+        for bad in ["-a", "a-", "a..b", "a b", "a,b", "ä", &"a".repeat(64)] {
+            assert!(validate_hostname("h", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn images_must_stay_inside_image_dirs() {
+        let root = tempfile::tempdir().unwrap();
+        let image = root.path().join("guest");
+        std::fs::create_dir(&image).unwrap();
+        std::fs::write(image.join("vmlinuz"), b"k").unwrap();
+        std::fs::write(image.join("initramfs.cpio.gz"), b"i").unwrap();
+        let roots = vec![root.path().to_path_buf()];
+        let url = format!("file://{}", image.display());
+        let found = resolve_image(&roots, &url).unwrap();
+        assert!(found.kernel.ends_with("vmlinuz") && found.initramfs.ends_with("initramfs.cpio.gz"));
+        // `..` that leads out of the root is caught after canonicalization.
+        let outside = tempfile::tempdir().unwrap();
+        let sneaky = format!("{}/../{}", image.display(), outside.path().display());
+        assert!(resolve_image(&roots, &sneaky).is_err());
+        let err = resolve_image(&[outside.path().to_path_buf()], &url).unwrap_err();
+        assert!(err.contains("image_dirs"), "{err}");
+        let err = resolve_image(&roots, "ghcr.io/ironcore-dev/os-images/gardenlinux:1").unwrap_err();
+        assert!(err.contains("OCI"), "{err}");
+        assert!(resolve_image(&[], &url).is_err());
+    }
+}

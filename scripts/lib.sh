@@ -49,3 +49,17 @@ RUNTIME_PACKAGES=(qemu-utils qemu-system-x86)
 # What only the tests need: a real OCI registry (the CNCF distribution server) to pull
 # IronCore images from.
 TEST_PACKAGES=(docker-registry)
+
+# The S3 client the bucket tests (and the conformance suite's bucket data-plane profile) drive.
+PYTHON_PACKAGES=(boto3)
+
+# Installs the Python packages given that are missing (pip, for the current python3).
+install_python_packages() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    python3 -c "import $pkg" 2>/dev/null || missing+=("$pkg")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  echo "== pip installing ${missing[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${missing[@]}"
+}

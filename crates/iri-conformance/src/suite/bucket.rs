@@ -5,8 +5,10 @@
 //! with capabilities, server-assigned ids, AVAILABLE buckets with an endpoint URL and S3
 //! credentials the bucketpoollet copies into a Secret, NotFound for unknown ids (upstream's
 //! ceph-provider answers InvalidArgument), verbatim metadata, events, parallel creates, restart
-//! and scale. Data-plane checks (S3 PUT/GET against the endpoint) come with the real bucket
-//! provider and are not part of this catalog.
+//! and scale. The data-plane profile (`dataplane`) puts and gets objects through the returned
+//! access with a real S3 client.
+
+mod dataplane;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -114,6 +116,30 @@ pub fn cases() -> Vec<TestCase> {
             false,
             parallel_create_delete,
             "10 parallel creates get distinct ids, are listed and available; 10 parallel deletes remove them"
+        ),
+        test_case!(
+            Bucket,
+            DataPlane,
+            DataPlane,
+            false,
+            objects_round_trip,
+            "the access of an available bucket PUTs, GETs (whole and a range), HEADs, LISTs and DELETEs objects with boto3"
+        ),
+        test_case!(
+            Bucket,
+            DataPlane,
+            DataPlane,
+            false,
+            credentials_open_one_bucket,
+            "one bucket's credentials are refused (AccessDenied) on another bucket"
+        ),
+        test_case!(
+            Bucket,
+            DataPlane,
+            DataPlane,
+            false,
+            delete_revokes_credentials,
+            "after DeleteBucket the bucket's credentials no longer work"
         ),
         test_case!(
             Bucket,
@@ -673,6 +699,18 @@ async fn parallel_create_delete(ctx: &mut Ctx) -> TestResult {
 
 async fn restart(ctx: &mut Ctx) -> TestResult {
     crate::suite::common::restart(Kind::Bucket, ctx).await
+}
+
+async fn objects_round_trip(ctx: &mut Ctx) -> TestResult {
+    dataplane::objects_round_trip(ctx).await
+}
+
+async fn credentials_open_one_bucket(ctx: &mut Ctx) -> TestResult {
+    dataplane::credentials_open_one_bucket(ctx).await
+}
+
+async fn delete_revokes_credentials(ctx: &mut Ctx) -> TestResult {
+    dataplane::delete_revokes_credentials(ctx).await
 }
 
 async fn list_at_scale(ctx: &mut Ctx) -> TestResult {

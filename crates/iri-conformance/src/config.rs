@@ -34,6 +34,9 @@ pub struct MachineSettings {
     pub image: String,
     /// Network id to attach NICs to; empty = `conformance`.
     pub network_id: String,
+    /// Text the console of a machine booted from `image` shows once the guest is up (the
+    /// data-plane console test waits for it); empty = any console output will do.
+    pub console_marker: String,
 }
 
 /// Volume test settings.

@@ -180,6 +180,12 @@ impl ProviderArgs {
 /// Reads a TOML config; settings it leaves out keep their defaults (so a file may be as short as
 /// one line), unknown settings are an error naming the file and the key.
 pub fn load_config_file<C: ProviderConfig>(path: &Path) -> Result<C> {
+    load_config_file_over(path, C::defaults())
+}
+
+/// [`load_config_file`] over given defaults (for configurations that hold several providers'
+/// or whose defaults depend on flags).
+pub fn load_config_file_over<C: Serialize + DeserializeOwned>(path: &Path, defaults: C) -> Result<C> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::invalid("config", format!("{}: {e}", path.display())))?;
     let file: toml::Table = toml::from_str(&text).map_err(|e| {
@@ -188,7 +194,7 @@ pub fn load_config_file<C: ProviderConfig>(path: &Path) -> Result<C> {
             format!("{}: {}", path.display(), one_line(&e.to_string())),
         )
     })?;
-    let mut merged = toml::Table::try_from(C::defaults()).map_err(Error::internal)?;
+    let mut merged = toml::Table::try_from(defaults).map_err(Error::internal)?;
     merge(&mut merged, file);
     merged.try_into().map_err(|e: toml::de::Error| {
         Error::invalid(

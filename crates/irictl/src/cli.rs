@@ -185,16 +185,40 @@ pub enum MachineCommand {
     /// Detach volumes or network interfaces from a machine.
     #[command(subcommand)]
     Detach(MachineDetach),
-    /// Request an exec (console) session and print its URL.
+    /// Open the machine's console (Exec), or print the session URL.
     ///
-    /// Calls Exec and prints the one-time URL the runtime returns (machinebroker: valid once, for
-    /// one minute). irictl does not open the interactive console itself yet: that client arrives
-    /// together with the machine provider's streaming server.
-    Exec {
-        /// Id of the machine.
-        #[arg(value_name = "MACHINE_ID")]
-        machine_id: String,
-    },
+    /// Calls Exec and opens the one-time URL the runtime returns (e.g. the machine provider's
+    /// streaming server) with the Kubernetes remote-command WebSocket protocol.
+    ///
+    /// On a terminal the session is interactive: the terminal is in raw mode (every key goes to
+    /// the guest) and the escape character, Ctrl-] by default, detaches. With piped stdin
+    /// (`echo 'uname -r' | irictl machine exec ID`) the input is sent, and output is shown
+    /// until --wait after the input ended. The session also ends when the runtime closes it.
+    ///
+    /// Exits 0 when detached, after --wait, or when the runtime closed the session; 1 when the
+    /// runtime reported a failure on the session (e.g. the machine stopped) or on SIGINT, SIGTERM
+    /// or SIGHUP. The terminal's settings are restored on every way out.
+    Exec(ExecArgs),
+}
+
+/// Flags of `machine exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Id of the machine.
+    #[arg(value_name = "MACHINE_ID")]
+    pub machine_id: String,
+
+    /// Only print the one-time URL (valid once, for a short time) instead of connecting.
+    #[arg(long)]
+    pub print_url: bool,
+
+    /// With piped stdin: how long output is still shown after the input ended (e.g. 3s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    pub wait: Duration,
+
+    /// Escape character that detaches an interactive session: ^X for Ctrl-X, one character, or none.
+    #[arg(long, value_name = "CHAR", default_value = crate::exec::DEFAULT_ESCAPE, value_parser = crate::exec::parse_escape)]
+    pub escape: crate::exec::Escape,
 }
 
 /// `machine get ...`

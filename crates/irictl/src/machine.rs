@@ -328,14 +328,24 @@ pub async fn run(session: &Session, command: MachineCommand, out: &mut dyn Write
                 )
                 .await
         }
-        MachineCommand::Exec { machine_id } => {
-            let request = session.request(ExecRequest { machine_id });
+        MachineCommand::Exec(args) => {
+            let request = session.request(ExecRequest {
+                machine_id: args.machine_id.clone(),
+            });
             let url = session.call("Exec", client.exec(request)).await?.url;
             if url.is_empty() {
                 bail!("Exec: the runtime returned no URL");
             }
-            writeln!(out, "{url}")?;
-            Ok(())
+            if args.print_url {
+                writeln!(out, "{url}")?;
+                return Ok(());
+            }
+            let options = crate::exec::Options {
+                wait: args.wait,
+                escape: args.escape.0,
+                connect_timeout: session.timeout(),
+            };
+            crate::exec::console(&args.machine_id, &url, options, out).await
         }
     }
 }

@@ -8,6 +8,7 @@
 mod bucket;
 mod cli;
 mod common;
+mod exec;
 mod input;
 mod machine;
 mod render;

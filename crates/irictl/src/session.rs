@@ -90,6 +90,11 @@ impl Session {
         }
     }
 
+    /// The deadline for connecting and for each call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Resolves the runtime's endpoint and connects within the timeout.
     pub async fn connect(&self, kind: RuntimeKind) -> Result<Channel> {
         let endpoint = Endpoint::resolve(kind, self.address.as_deref(), DISCOVERY_TIMEOUT).await?;

@@ -277,11 +277,18 @@ async fn machine_session() {
     let version = s.json(&["machine", "get", "version"]).await;
     assert_eq!(version["runtime_name"], json!(iri_testing::MACHINE_RUNTIME_NAME));
 
-    // exec prints the URL, and the URL is a real session
-    let url = s.ok(&["machine", "exec", &id]).await;
+    // exec --print-url prints the URL, and the URL is a real session
+    let url = s.ok(&["machine", "exec", &id, "--print-url"]).await;
     let url = url.trim_end();
     assert!(url.starts_with("http://"), "{url}");
     assert_eq!(runtime.take_exec_session(url), Some(id.clone()));
+    // Without --print-url irictl connects; the reference runtime's URLs point nowhere, which is
+    // one clear error line (tests/console.rs talks to a real console).
+    let line = s.run(&["machine", "exec", &id]).await.error();
+    assert!(
+        line.starts_with("error: connecting to the console at http://"),
+        "{line}"
+    );
 
     // delete: known, unknown (tolerated), then gone
     let out = s.ok(&["machine", "delete", "machine", &id, "nonexistent"]).await;

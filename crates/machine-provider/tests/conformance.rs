@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The IRI conformance suite against the real `iri-machine-provider` binary booting the test
-//! guest (`scripts/test-guest`) under QEMU/TCG: profiles core, exec and hotplug must pass
+//! guest (`scripts/test-guest`) under QEMU/TCG: profiles core, exec, hotplug and data-plane must pass
 //! without a single failure.
 //!
 //! Not run here: `update_volume_resizes` (UpdateVolume answers UNIMPLEMENTED in this
@@ -46,10 +46,11 @@ accel = ["tcg"]
 
     let mut suite = Config::default();
     suite.machine.image = format!("file://{}", guest.display());
+    suite.machine.console_marker = "IRI-TEST-GUEST READY".into();
     suite.timeouts.rpc_seconds = 10;
     suite.timeouts.ready_seconds = 60;
     suite.timeouts.delete_seconds = 60;
-    let profiles = [Profile::Core, Profile::Exec, Profile::Hotplug];
+    let profiles = [Profile::Core, Profile::Exec, Profile::Hotplug, Profile::DataPlane];
     let options = RunOptions {
         profiles: profiles.iter().copied().collect::<BTreeSet<_>>(),
         skip: Some(regex::Regex::new("update_volume_resizes").unwrap()),

@@ -35,7 +35,9 @@ use attachments::{
     generation_follows_attachments, update_volume_resizes,
 };
 use events::events_describe_machine;
-use exec::{exec_returns_url, exec_unknown_machine_is_not_found, exec_url_accepts_websocket};
+use exec::{
+    console_shows_the_guest, exec_returns_url, exec_unknown_machine_is_not_found, exec_url_accepts_websocket,
+};
 use identity::{quantity_tracks_creates_and_deletes, status_reports_classes, version_is_set_and_semver};
 use lifecycle::{
     create_list_run_delete, detach_unknown_name_is_not_found, generation_follows_power_changes,
@@ -271,6 +273,14 @@ pub fn cases() -> Vec<TestCase> {
             false,
             exec_url_accepts_websocket,
             "The Exec URL answers a WebSocket upgrade for the channel.k8s.io subprotocols with 101 Switching Protocols"
+        ),
+        test_case!(
+            Machine,
+            DataPlane,
+            DataPlane,
+            false,
+            console_shows_the_guest,
+            "A machine booted from machine.image shows its guest on the Exec console (machine.console_marker, or any output) within the ready timeout"
         ),
         // Many machines.
         test_case!(

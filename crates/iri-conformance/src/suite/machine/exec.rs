@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Exec: the URL a runtime returns, and whether a WebSocket remote-command session can be
-//! opened there (iri-contract §3.2.10).
+//! Exec: the URL a runtime returns, whether a WebSocket remote-command session can be opened
+//! there (iri-contract §3.2.10), and (data-plane profile) whether that session is really the
+//! guest's console.
 //!
-//! The WebSocket opening handshake (RFC 6455 §4) is done by hand over a plain TCP stream: it is
-//! a dozen lines of HTTP/1.1 and keeps the suite free of a WebSocket client dependency. Only
-//! `http`/`ws` URLs are opened; TLS endpoints are skipped.
+//! The upgrade check does the WebSocket opening handshake (RFC 6455 §4) by hand over a plain TCP
+//! stream, so that it can report exactly what the server answered; only `http`/`ws` URLs are
+//! checked that way, TLS endpoints are skipped. The console test speaks the whole protocol with
+//! the [`remotecommand`] client (TLS included).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iri_api::machine::v1alpha1::ExecRequest;
 use tokio::{
@@ -70,6 +72,92 @@ pub(super) async fn exec_url_accepts_websocket(ctx: &mut Ctx) -> TestResult {
     check_upgrade(&head)
         .map_err(|reason| TestError::fail(format!("WebSocket upgrade at {url}: {reason}")))?;
     Ok(())
+}
+
+/// How much of the console output a failure reason quotes (the end of it).
+const QUOTED_OUTPUT_CHARS: usize = 600;
+
+/// Data plane: a machine booted from the configured image shows its guest on the console. The
+/// session must open, and within the ready timeout show the configured marker
+/// (`machine.console_marker`), or any output when none is configured.
+pub(super) async fn console_shows_the_guest(ctx: &mut Ctx) -> TestResult {
+    if ctx.config.machine.image.is_empty() {
+        return Err(TestError::skip(
+            "no machine image configured ([machine] image): a machine without a boot disk has no guest to show",
+        ));
+    }
+    let url = exec_url(ctx).await?;
+    let marker = ctx.config.machine.console_marker.clone();
+    let timeout = ctx.config.timeouts.ready();
+    let session = tokio::time::timeout(ctx.config.timeouts.rpc(), remotecommand::Session::connect(&url))
+        .await
+        .map_err(|_| {
+            TestError::fail(format!(
+                "console session at {url}: no answer within {:?}",
+                ctx.config.timeouts.rpc()
+            ))
+        })?
+        .map_err(|e| TestError::fail(format!("console session at {url}: {e}")))?;
+    let (mut writer, mut reader) = session.split();
+    // A guest that printed everything before we came may be sitting at a prompt: a carriage
+    // return makes a shell or getty show itself again. It is harmless to a guest that ignores it.
+    let _ = writer.send_stdin(b"\r").await;
+    let deadline = Instant::now() + timeout;
+    let mut seen = String::new();
+    let quote = |seen: &str| {
+        let start = seen
+            .char_indices()
+            .rev()
+            .nth(QUOTED_OUTPUT_CHARS)
+            .map_or(0, |(at, _)| at);
+        format!("{:?}", &seen[start..])
+    };
+    let wanted = if marker.is_empty() {
+        "any output".to_string()
+    } else {
+        format!("the marker {marker:?} (machine.console_marker)")
+    };
+    let result = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let output = match tokio::time::timeout(left, reader.next()).await {
+            Err(_) => {
+                break Err(TestError::fail(format!(
+                    "the console at {url} did not show {wanted} within {timeout:?}; it showed {}",
+                    quote(&seen)
+                )));
+            }
+            Ok(None) => {
+                break Err(TestError::fail(format!(
+                    "the console session at {url} ended before it showed {wanted}; it showed {}",
+                    quote(&seen)
+                )));
+            }
+            Ok(Some(Err(e))) => {
+                break Err(TestError::fail(format!(
+                    "the console session at {url} failed before it showed {wanted}: {e}; it showed {}",
+                    quote(&seen)
+                )));
+            }
+            Ok(Some(Ok(output))) => output,
+        };
+        match output {
+            // A console is a TTY: guests may write to either stream.
+            remotecommand::Output::Stdout(bytes) | remotecommand::Output::Stderr(bytes) => {
+                seen.push_str(&String::from_utf8_lossy(&bytes));
+                if seen.contains(&marker) && !seen.is_empty() {
+                    break Ok(());
+                }
+            }
+            remotecommand::Output::Error(message) => {
+                break Err(TestError::fail(format!(
+                    "the console session at {url} reported {message:?} before it showed {wanted}; it showed {}",
+                    quote(&seen)
+                )));
+            }
+        }
+    };
+    let _ = writer.close().await;
+    result
 }
 
 /// An exec URL taken apart.

@@ -48,7 +48,7 @@ impl Env {
     }
 
     async fn start(&self) -> LocalBackend {
-        LocalBackend::start(&self.path(), &LocalSettings::default(), kek())
+        LocalBackend::start(&self.path(), &test_settings(), kek())
             .await
             .unwrap()
     }
@@ -92,6 +92,15 @@ fn plan(id: &str, size: u64, source: Source) -> VolumePlan {
         source,
         limits: Limits::default(),
         encryption: None,
+    }
+}
+
+/// Settings for tests: cheap LUKS key slots (every open of an encrypted layer pays the
+/// PBKDF2 time the slot was made with, and crash tests reopen layers many times).
+fn test_settings() -> LocalSettings {
+    LocalSettings {
+        encryption_iter_time_ms: 10,
+        ..LocalSettings::default()
     }
 }
 
@@ -430,7 +439,7 @@ async fn encrypted_volumes_snapshots_and_clones_hold_no_plaintext() {
     // Under another KEK nothing opens, and the reason says why.
     let other = LocalBackend::start(
         &env.path(),
-        &LocalSettings::default(),
+        &test_settings(),
         Arc::new(Kek::from_bytes(&[1; volume_provider::keys::KEK_LEN])),
     )
     .await
@@ -613,7 +622,7 @@ async fn a_restarted_backend_adopts_the_daemon() {
     write(&uri(&p), 0x42, 0, MIB);
     let pid = backend.daemon_pid().unwrap();
     assert!(
-        LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
+        LocalBackend::start(&env.path(), &test_settings(), kek())
             .await
             .is_err(),
         "one backend per directory"
@@ -719,7 +728,7 @@ async fn a_hung_daemon_is_killed_and_replaced() {
     let env = Env::new();
     let settings = LocalSettings {
         daemon_health_seconds: 1,
-        ..LocalSettings::default()
+        ..test_settings()
     };
     let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
     let a = new_id();
@@ -808,7 +817,7 @@ async fn a_start_waits_for_an_old_daemon_to_release_the_pid_file() {
     let mut holder = hold_pid_file(&env);
     let holder_pid = holder.0.id() as i32;
     let began = Instant::now();
-    let err = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
+    let err = LocalBackend::start(&env.path(), &test_settings(), kek())
         .await
         .expect_err("started a daemon while another holds the pid file");
     assert!(
@@ -829,7 +838,7 @@ async fn a_start_waits_for_an_old_daemon_to_release_the_pid_file() {
         holder.0.wait().unwrap();
     });
     let began = Instant::now();
-    let backend = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
+    let backend = LocalBackend::start(&env.path(), &test_settings(), kek())
         .await
         .unwrap_or_else(|e| panic!("the start did not wait for the pid file: {e}"));
     assert!(
@@ -860,7 +869,7 @@ async fn a_start_right_after_the_daemon_was_killed_succeeds() {
         // the daemon's threads are still exiting.
         drop(backend);
         kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-        backend = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
+        backend = LocalBackend::start(&env.path(), &test_settings(), kek())
             .await
             .unwrap_or_else(|e| panic!("round {round}: restart after SIGKILL failed: {e}"));
         assert_ne!(backend.daemon_pid(), Some(pid), "round {round}");
@@ -1095,7 +1104,7 @@ async fn crash_worker() {
         .unwrap();
     let settings = LocalSettings {
         crash_at: std::env::var(CRASH_AT_ENV).ok(),
-        ..LocalSettings::default()
+        ..test_settings()
     };
     let scripted = settings.crash_at.is_some();
     let backend = LocalBackend::start(&dir.join("local"), &settings, kek())
@@ -1128,14 +1137,19 @@ impl Worker {
         self.journal.sync_data().unwrap();
     }
 
-    async fn create(&mut self, source: Option<&str>, size: u64) -> String {
+    /// Creates a volume; an `encrypted` one (clones inherit their snapshot's key) writes key
+    /// files too, so crashes hit those paths as well.
+    async fn create(&mut self, source: Option<&str>, size: u64, encrypted: bool) -> String {
         let id = new_id();
         self.log(format!("create-intent {id} {} {size}", source.unwrap_or("-")));
-        let create = plan(
-            &id,
-            size,
-            source.map_or(Source::Empty, |s| Source::Snapshot(s.to_string())),
-        );
+        let create = VolumePlan {
+            encryption: encrypted.then(|| kek().wrap(&Passphrase::new(b"crash-test".to_vec()))),
+            ..plan(
+                &id,
+                size,
+                source.map_or(Source::Empty, |s| Source::Snapshot(s.to_string())),
+            )
+        };
         retry(|| self.backend.ensure_volume(&create)).await;
         self.log(format!("create-done {id}"));
         let pattern = source.map_or(0, |s| self.model.snapshots[s]);
@@ -1190,11 +1204,11 @@ impl Worker {
 
     /// Passes every crash point at least once; see `every_crash_point_recovers` for the order.
     async fn script(&mut self) {
-        let v = self.create(None, 8 * MIB).await;
+        let v = self.create(None, 8 * MIB, true).await;
         self.write(&v, 0x11).await;
         let s1 = self.snapshot(&v).await;
         self.write(&v, 0x22).await;
-        let c = self.create(Some(&s1), MIB).await;
+        let c = self.create(Some(&s1), MIB, false).await;
         self.write(&c, 0x33).await;
         self.expand(&v, 16 * MIB).await;
         let s2 = self.snapshot(&c).await;
@@ -1212,10 +1226,11 @@ impl Worker {
             let snapshots: Vec<String> = self.model.snapshots.keys().cloned().collect();
             match rng.below(16) {
                 0..=2 if volumes.len() < 5 => {
-                    self.create(None, (1 + rng.below(8)) * MIB).await;
+                    self.create(None, (1 + rng.below(8)) * MIB, rng.below(2) == 0)
+                        .await;
                 }
                 3..=4 if !snapshots.is_empty() && volumes.len() < 7 => {
-                    self.create(Some(rng.pick(&snapshots)), MIB).await;
+                    self.create(Some(rng.pick(&snapshots)), MIB, false).await;
                 }
                 5..=8 if !volumes.is_empty() => {
                     self.write(rng.pick(&volumes), 1 + rng.below(255) as u8).await
@@ -1353,14 +1368,29 @@ fn assert_no_orphans(dir: &Path) {
             }
         }
     }
-    let present: BTreeSet<String> = fs::read_dir(dir.join("layers"))
+    let names: BTreeSet<String> = fs::read_dir(dir.join("layers"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
+    let (keys, present): (BTreeSet<String>, BTreeSet<String>) =
+        names.into_iter().partition(|n| n.ends_with(".key"));
     assert_eq!(
         present, reached,
         "layers on disk vs layers reached from manifests"
     );
+    // Every key belongs to a layer on disk, and every encrypted layer has its key.
+    for key in &keys {
+        let layer = key.replace(".key", ".qcow2");
+        assert!(present.contains(&layer), "key file {key} without its layer");
+    }
+    for layer in &present {
+        if layer_is_encrypted(&dir.join("layers").join(layer)) {
+            assert!(
+                keys.contains(&layer.replace(".qcow2", ".key")),
+                "encrypted {layer} has no key"
+            );
+        }
+    }
 }
 
 /// After a crash and a restart: every committed object is there, served, with its data; no
@@ -1503,7 +1533,7 @@ async fn survives_kill_9_at_random_points() {
             if also_daemon { " (and the daemon)" } else { "" },
             journal.lines().last()
         );
-        let backend = LocalBackend::start(&env.path(), &LocalSettings::default(), kek())
+        let backend = LocalBackend::start(&env.path(), &test_settings(), kek())
             .await
             .unwrap_or_else(|e| panic!("iteration {iteration}: restart after crash failed: {e}"));
         model = verify_after_crash(&backend, &env.path(), &model, &journal).await;
@@ -1514,7 +1544,8 @@ async fn survives_kill_9_at_random_points() {
 
 /// Every crash point of the backend, in the order the worker's script passes them.
 const CRASH_POINTS: &[&str] = &[
-    "layer-installed#1",        // create of v
+    "layer-key-written#1",      // create of v (encrypted): its key, before its layer
+    "layer-installed#1",        //
     "volume-committed#1",       //
     "layer-installed#2",        // snapshot s1 of v: the new active layer
     "snapshot-tip-committed#1", //
@@ -1724,7 +1755,7 @@ async fn volumes_from_images_share_one_fetched_copy() {
         image_dirs: vec![sources.clone()],
         // The test's HTTP server and registry are on loopback, which is refused by default.
         trusted_image_hosts: vec!["127.0.0.1".into()],
-        ..LocalSettings::default()
+        ..test_settings()
     };
     let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
     let image = |id: &str, reference: &str, size: u64| {
@@ -1924,7 +1955,7 @@ async fn remote_clients_use_nbd_over_tls_with_client_certificates() {
     let env = Env::new();
     let settings = LocalSettings {
         tcp_listen: "127.0.0.1:0".into(),
-        ..LocalSettings::default()
+        ..test_settings()
     };
     let backend = LocalBackend::start(&env.path(), &settings, kek()).await.unwrap();
     let id = new_id();

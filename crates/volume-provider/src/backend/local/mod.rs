@@ -803,6 +803,7 @@ impl Inner {
                 blocking(move || layout.write_layer_key(&id, &record))
                     .await
                     .map_err(|e| io_error("writing a layer key", e))?;
+                self.crash_point("layer-key-written");
                 Some(passphrase)
             }
             None => None,

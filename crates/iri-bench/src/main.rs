@@ -4,7 +4,7 @@
 //! stdout, progress on stderr, and optionally writes JSON.
 
 use clap::{Parser, Subcommand};
-use iri_bench::volume;
+use iri_bench::{machine, volume};
 
 #[derive(Debug, Parser)]
 #[command(name = "iri-bench", version, about = "Benchmarks of the IRI providers")]
@@ -18,6 +18,9 @@ enum Command {
     /// The volume provider: create/snapshot/clone times at two sizes, and I/O through the NBD
     /// export against the qcow2 file directly.
     Volume(volume::VolumeArgs),
+    /// The machine provider: CreateMachine to the guest's console marker against a bare QEMU
+    /// boot, CreateMachine to RUNNING, machines started per minute, and memory with 50 machines.
+    Machine(machine::MachineArgs),
 }
 
 #[tokio::main]
@@ -27,6 +30,12 @@ async fn main() -> std::process::ExitCode {
         Command::Volume(args) => tokio::select! {
             // Dropping the benchmark's future stops what it started and removes its directory.
             report = volume::run(args) => report.map(|r| r.render()),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        },
+        Command::Machine(args) => tokio::select! {
+            // Dropping the benchmark's future stops the provider, kills its QEMUs and removes
+            // the directory.
+            report = machine::run(args) => report.map(|r| r.render()),
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         },
     };

@@ -66,6 +66,11 @@ pub fn ops_per_s(ops: u64, seconds: f64) -> f64 {
     }
 }
 
+/// Events per minute: `count` in `seconds`.
+pub fn per_minute(count: u64, seconds: f64) -> f64 {
+    ops_per_s(count, seconds) * 60.0
+}
+
 /// Throughput in MB/s (10^6 bytes per second, as fio and qemu print "MB/s").
 pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
     if seconds > 0.0 {
@@ -198,6 +203,10 @@ mod tests {
     fn rates_and_ratios() {
         assert_eq!(mb_per_s(10_000_000, 2.0), 5.0);
         assert_eq!(ops_per_s(1000, 0.5), 2000.0);
+        assert_eq!(per_minute(4, 8.0), 30.0);
+        assert_eq!(per_minute(1, 60.0), 1.0);
+        assert!(per_minute(3, 0.0).is_nan());
+        assert!(per_minute(3, f64::NAN).is_nan());
         assert!(mb_per_s(1, 0.0).is_nan());
         assert_eq!(ratio(50.0, 100.0), Some(0.5));
         assert_eq!(ratio(1.0, 0.0), None);

@@ -95,6 +95,16 @@ impl FsInfo {
     }
 }
 
+/// VmRSS (resident memory) in bytes from the text of a /proc/<pid>/status file.
+pub fn vm_rss_bytes(status: &str) -> Option<u64> {
+    field(status, "VmRSS")?
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
 /// The `key: value` line's value in a /proc file.
 fn field(text: &str, key: &str) -> Option<String> {
     text.lines()
@@ -165,5 +175,9 @@ mod tests {
         assert_eq!(field(text, "model name").as_deref(), Some("AMD EPYC"));
         assert_eq!(field(text, "MemTotal").as_deref(), Some("24000000 kB"));
         assert_eq!(field(text, "flags"), None);
+        let status = "Name:\tiri\nVmPeak:\t  20000 kB\nVmRSS:\t   12345 kB\nThreads:\t5\n";
+        assert_eq!(vm_rss_bytes(status), Some(12345 * 1024));
+        assert_eq!(vm_rss_bytes("Name:\tzombie\n"), None);
+        assert_eq!(vm_rss_bytes("VmRSS:\t12 MB\n"), None);
     }
 }

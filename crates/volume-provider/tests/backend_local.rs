@@ -1990,9 +1990,14 @@ async fn remote_clients_use_nbd_over_tls_with_client_certificates() {
     let anonymous = env.dir.path().join("anonymous");
     fs::create_dir_all(&anonymous).unwrap();
     fs::copy(creds.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    // TLS 1.3 clients finish their side of the handshake before the server checks their
+    // certificate, so the refusal shows either as a TLS error or as the connection dropped
+    // under the first NBD option (the same directory with the certificate works, above).
     let refused = qemu_io_tls(&anonymous, address, &id, "read 0 4k").unwrap_err();
     assert!(
-        refused.contains("certificate") || refused.contains("TLS") || refused.contains("handshake"),
+        ["certificate", "TLS", "handshake", "Broken pipe", "reset by peer"]
+            .iter()
+            .any(|why| refused.contains(why)),
         "refused for another reason: {refused}"
     );
 

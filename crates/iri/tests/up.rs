@@ -14,8 +14,10 @@ use nix::{sys::signal::Signal, unistd::Pid};
 
 #[test]
 fn up_serves_machines_volumes_and_buckets_and_stops_on_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("node");
+    // Short: a machine's sockets live at <data>/machine/machines/<63-character id>/, and a unix
+    // socket path holds at most 107 bytes (the machine provider refuses deeper directories).
+    let dir = tempfile::Builder::new().prefix("i").tempdir_in("/tmp").unwrap();
+    let data = dir.path().to_path_buf();
     // Print the configuration first: every default written out, the wiring included.
     let printed = Command::new(env!("CARGO_BIN_EXE_iri"))
         .args(["up", "--print-config", "--data-dir"])

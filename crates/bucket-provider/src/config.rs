@@ -2,8 +2,6 @@
 //! The bucket provider's configuration file (TOML); `iri-bucket-provider --print-config` prints
 //! it with every default written out.
 
-use std::collections::BTreeSet;
-
 use iri_api::RuntimeKind;
 use iri_runtime::cli::{ProviderConfig, ServerSettings};
 use iri_runtime::{Error, Result};
@@ -77,30 +75,10 @@ impl Config {
     /// Checks what serde cannot: at least one class, unique non-empty class names,
     /// non-negative limits, workers, resync period, S3 settings. Errors name the setting.
     pub fn validate(&self) -> Result<()> {
-        if self.classes.is_empty() {
-            return Err(Error::invalid("classes", "at least one bucket class is needed"));
-        }
-        let mut names = BTreeSet::new();
-        for (i, class) in self.classes.iter().enumerate() {
-            if class.name.is_empty() {
-                return Err(Error::required(format!("classes[{i}].name")));
-            }
-            if !names.insert(class.name.as_str()) {
-                return Err(Error::invalid(
-                    format!("classes[{i}].name"),
-                    format!("class {:?} is configured twice", class.name),
-                ));
-            }
-            if class.tps < 0 || class.iops < 0 {
-                return Err(Error::invalid(
-                    format!("classes[{i}]"),
-                    format!(
-                        "tps {} and iops {} must be >= 0 (0 = unlimited)",
-                        class.tps, class.iops
-                    ),
-                ));
-            }
-        }
+        iri_runtime::validate::limit_classes(
+            "bucket",
+            self.classes.iter().map(|c| (c.name.as_str(), c.tps, c.iops)),
+        )?;
         if self.workers == 0 {
             return Err(Error::invalid("workers", "must be at least 1"));
         }

@@ -79,6 +79,37 @@ pub fn shorten(s: &str) -> String {
     }
 }
 
+/// Checks configured classes with limits (volume and bucket classes): at least one, unique
+/// non-empty names, `tps` and `iops` >= 0. `classes` yields (name, tps, iops); `noun` names
+/// the kind in the error ("volume", "bucket"). Errors name the setting (`classes[i]...`).
+pub fn limit_classes<'a>(noun: &str, classes: impl IntoIterator<Item = (&'a str, i64, i64)>) -> Result<()> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, (name, tps, iops)) in classes.into_iter().enumerate() {
+        if name.is_empty() {
+            return Err(Error::required(format!("classes[{i}].name")));
+        }
+        if !names.insert(name) {
+            return Err(Error::invalid(
+                format!("classes[{i}].name"),
+                format!("class {name:?} is configured twice"),
+            ));
+        }
+        if tps < 0 || iops < 0 {
+            return Err(Error::invalid(
+                format!("classes[{i}]"),
+                format!("tps {tps} and iops {iops} must be >= 0 (0 = unlimited)"),
+            ));
+        }
+    }
+    if names.is_empty() {
+        return Err(Error::invalid(
+            "classes",
+            format!("at least one {noun} class is needed"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,9 @@ pub const CPU: &str = "cpu";
 /// The resource name of guest memory (bytes).
 pub const MEMORY: &str = "memory";
 
+/// The files of [`Config::nbd_tls_dir`], as QEMU's `tls-creds-x509` object reads them.
+pub const NBD_TLS_FILES: [&str; 3] = ["ca-cert.pem", "client-cert.pem", "client-key.pem"];
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,9 +41,23 @@ pub struct Config {
     /// Directories boot images may be read from: a machine's image `file:///dir` (or `/dir`)
     /// must resolve inside one of them. Empty: no local images are accepted.
     pub image_dirs: Vec<PathBuf>,
+    /// OCI boot images (`local_disk.image` given as a registry reference): registries trusted
+    /// despite internal addresses, plain-HTTP registries, the layer size limit. They are fetched
+    /// into `<data-dir>/images`.
+    pub images: crate::images::ImageSettings,
     /// Directories NBD unix sockets of `nbd` volumes may be in (e.g. the volume provider's
     /// `local/daemon`). Empty: only NBD over TCP is accepted.
     pub nbd_socket_dirs: Vec<PathBuf>,
+    /// Client credentials for `nbd://` volumes served with TLS (a volume provider's
+    /// `local.tcp_listen`): a directory in QEMU's `tls-creds-x509` layout, `ca-cert.pem`,
+    /// `client-cert.pem` and `client-key.pem` (copy them from the volume provider's
+    /// `<local>/tls/`). Unset: `nbd://` volumes are attached without TLS, and volumes whose
+    /// access names a `tls_hostname` are refused.
+    pub nbd_tls_dir: Option<PathBuf>,
+    /// Stop every machine (ACPI power-down, forced off after `power_off_grace_seconds`) when
+    /// the provider exits, instead of leaving them running for the next start to adopt. The
+    /// stored desired power is not changed: the next start boots them again.
+    pub stop_machines_on_exit: bool,
     /// Size of a `local_disk` that asks for none (`size_bytes` 0, no image), in bytes.
     pub default_local_disk_bytes: i64,
     /// State reported for a powered-off machine: `stopped` (MACHINE_STOPPED, the contract's
@@ -104,6 +121,11 @@ pub struct QemuSettings {
     pub hotplug_ports: u32,
     /// The console log of a machine is moved to `console.log.1` when it grows beyond this.
     pub console_log_bytes: u64,
+    /// UEFI firmware code (OVMF, read-only) for machines that boot from a disk image (an image
+    /// without a kernel). Debian's `ovmf` package installs it here.
+    pub firmware_code: PathBuf,
+    /// The UEFI variable store template: each such machine gets its own copy (`efivars.fd`).
+    pub firmware_vars: PathBuf,
 }
 
 impl Default for QemuSettings {
@@ -114,6 +136,8 @@ impl Default for QemuSettings {
             machine: "q35".into(),
             hotplug_ports: 4,
             console_log_bytes: 1 << 20,
+            firmware_code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            firmware_vars: PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd"),
         }
     }
 }
@@ -163,7 +187,10 @@ impl ProviderConfig for Config {
             reserve: BTreeMap::from([(CPU.into(), 0), (MEMORY.into(), 1 << 30)]),
             power_off_grace_seconds: 60,
             image_dirs: Vec::new(),
+            images: crate::images::ImageSettings::default(),
             nbd_socket_dirs: Vec::new(),
+            nbd_tls_dir: None,
+            stop_machines_on_exit: false,
             default_local_disk_bytes: 10 << 30,
             stopped_state: StoppedState::Stopped,
             workers: 4,
@@ -257,6 +284,28 @@ impl Config {
                     format!("{table}[{i}]"),
                     format!("{} is not an absolute path", dir.display()),
                 ));
+            }
+        }
+        if let Some(dir) = &self.nbd_tls_dir {
+            if !dir.is_absolute() {
+                return Err(Error::invalid(
+                    "nbd_tls_dir",
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+            // QEMU reads these when a machine starts; a missing one would fail every machine
+            // with an nbd:// volume, so say it once, here.
+            for file in NBD_TLS_FILES {
+                if !dir.join(file).is_file() {
+                    return Err(Error::invalid(
+                        "nbd_tls_dir",
+                        format!(
+                            "{} has no {file} (it needs {})",
+                            dir.display(),
+                            NBD_TLS_FILES.join(", ")
+                        ),
+                    ));
+                }
             }
         }
         self.exec

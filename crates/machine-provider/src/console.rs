@@ -74,8 +74,9 @@ impl Console {
         adopted: bool,
     ) -> std::io::Result<Console> {
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let path = crate::qemu::SocketPath::new(&socket)?;
         let stream = loop {
-            match UnixStream::connect(&socket).await {
+            match UnixStream::connect(path.path()).await {
                 Ok(stream) => break stream,
                 Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -31,6 +31,7 @@
 pub mod config;
 pub mod console;
 pub mod exec;
+pub mod images;
 pub mod machines;
 pub mod nbd;
 pub mod qemu;
@@ -65,8 +66,6 @@ pub const STORE_FILE: &str = "store.db";
 pub const MACHINES_DIR: &str = "machines";
 /// How long reconcile workers get to finish the machine they are on at shutdown.
 const WORKER_GRACE: Duration = Duration::from_secs(10);
-/// The longest path a unix socket can have (`sun_path` holds 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// Runs the provider until `shutdown` completes: opens the store, adopts the QEMU processes
 /// of machines that still run, removes leftovers no record references, starts the reconciler
@@ -77,20 +76,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let serve_options = config.server.serve_options()?;
     let data_dir = std::path::absolute(&config.server.data_dir)
         .with_context(|| format!("data directory {}", config.server.data_dir.display()))?;
-    // Every machine gets `<data-dir>/machines/<63-character id>/console.sock`, and a unix
-    // socket path holds at most 107 bytes: a data directory too deep for that would leave every
-    // machine PENDING with QEMU refusing to start, so it is refused here, saying why.
-    let longest = data_dir
-        .join(MACHINES_DIR)
-        .join("0".repeat(63))
-        .join("console.sock");
-    if longest.as_os_str().len() > MAX_SOCKET_PATH {
-        anyhow::bail!(
-            "data directory {} is too long: machine sockets under it ({} bytes) exceed the {MAX_SOCKET_PATH} bytes a unix socket path may have; choose a shorter one",
-            data_dir.display(),
-            longest.as_os_str().len()
-        );
-    }
     create_private_dir(&data_dir)?;
     create_private_dir(&data_dir.join(MACHINES_DIR))?;
     let mut config = config;
@@ -194,6 +179,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     // Open exec sessions would keep the server up; they end with the process.
     let _ = tokio::time::timeout(Duration::from_secs(2), exec_task).await;
     workers.shut_down(WORKER_GRACE).await;
+    if config.stop_machines_on_exit {
+        machines
+            .power_down_all(Duration::from_secs(config.power_off_grace_seconds))
+            .await;
+    }
     served?;
     Ok(())
 }

@@ -82,6 +82,25 @@ impl Running {
         Ok(path.rsplit('/').next().unwrap_or_default().to_string())
     }
 
+    /// The virtual size of every named block node, by node name.
+    pub async fn node_sizes(&self) -> Result<HashMap<String, u64>, qmp::Error> {
+        let nodes = self
+            .qmp
+            .execute_value("query-named-block-nodes", serde_json::json!({"flat": true}))
+            .await?;
+        Ok(nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| {
+                Some((
+                    n.get("node-name")?.as_str()?.to_string(),
+                    n.get("image")?.get("virtual-size")?.as_u64()?,
+                ))
+            })
+            .collect())
+    }
+
     /// QEMU's run state (`query-status`): `running`, `paused`, `shutdown`, ...
     pub async fn run_state(&self) -> Result<String, qmp::Error> {
         let status: Value = self.qmp.execute("query-status", Value::Null).await?;
@@ -229,6 +248,34 @@ impl Machines {
         let held = self.lock().remove(id);
         let dir = self.dir(id);
         qemu::stop(held.as_ref().map(|r| &r.qmp), &dir).await;
+    }
+
+    /// Powers every running machine down: an ACPI power-down request to each, all at once,
+    /// then those still running after `grace` are forced off. For a provider that exits with
+    /// `stop_machines_on_exit`; the stored desired power stays as it is.
+    pub async fn power_down_all(&self, grace: std::time::Duration) {
+        let held: Vec<(String, Arc<Running>)> = self
+            .lock()
+            .iter()
+            .map(|(id, running)| (id.clone(), running.clone()))
+            .collect();
+        let mut waits = tokio::task::JoinSet::new();
+        for (id, running) in held {
+            waits.spawn(async move {
+                if let Err(err) = running.qmp.execute_value("system_powerdown", Value::Null).await {
+                    tracing::warn!(%id, %err, "system_powerdown");
+                }
+                let off = qemu::wait_gone(running.pid, grace).await;
+                (id, off)
+            });
+        }
+        while let Some(Ok((id, off))) = waits.join_next().await {
+            if !off {
+                tracing::warn!(%id, ?grace, "the guest did not power off in time: forced off");
+            }
+            self.stop(&id).await;
+            tracing::info!(%id, "machine stopped at exit");
+        }
     }
 
     /// Removes everything of machine `id`: its QEMU, then its directory. Idempotent: a machine

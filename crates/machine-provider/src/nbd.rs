@@ -5,6 +5,11 @@
 //! A unix socket path comes from a request, so it must lie inside one of the configured
 //! `nbd_socket_dirs` (checked after resolving symlinks and `..`): a client cannot make QEMU
 //! connect to arbitrary sockets of the host.
+//!
+//! NBD over TCP uses TLS when the provider has client credentials (`nbd_tls_dir`): QEMU's
+//! `tls-creds-x509` object [`TLS_OBJECT`] and the attribute `tls_hostname` (the name the
+//! server's certificate carries; the volume provider names it). A volume whose access asks for
+//! TLS is refused, saying why, when the provider has no credentials.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +17,10 @@ use iri_runtime::validate::shorten;
 
 /// The `uri` attribute of an `nbd` volume.
 pub const URI: &str = "uri";
+/// The attribute naming the host name in the server's TLS certificate.
+pub const TLS_HOSTNAME: &str = "tls_hostname";
+/// The QEMU object id of the TLS client credentials.
+pub const TLS_OBJECT: &str = "nbdtls";
 
 /// Where an NBD export is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +43,64 @@ pub struct Export {
     pub server: Server,
     /// The export name.
     pub name: String,
+    /// TLS, for NBD over TCP with the provider's client credentials.
+    pub tls: Option<Tls>,
+}
+
+/// TLS of an NBD connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// The credentials directory (`nbd_tls_dir`).
+    pub dir: PathBuf,
+    /// The host name the server's certificate must carry.
+    pub hostname: String,
+}
+
+/// The export of an `nbd` volume's `attributes`: its `uri` (see [`parse`]), with TLS when it
+/// is served over TCP and the provider has client credentials in `tls_dir`.
+pub fn from_attributes(
+    attributes: &std::collections::BTreeMap<String, String>,
+    socket_dirs: &[PathBuf],
+    tls_dir: Option<&Path>,
+) -> Result<Export, String> {
+    let uri = attributes.get(URI).map_or("", String::as_str);
+    let mut export = parse(uri, socket_dirs)?;
+    let Server::Tcp { host, .. } = &export.server else {
+        return Ok(export);
+    };
+    let hostname = attributes.get(TLS_HOSTNAME).filter(|h| !h.is_empty());
+    match (tls_dir, hostname) {
+        (Some(dir), hostname) => {
+            let hostname = hostname.unwrap_or(host).clone();
+            if hostname.is_empty()
+                || !hostname
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+            {
+                return Err(format!("{hostname:?} is not a TLS host name"));
+            }
+            export.tls = Some(Tls {
+                dir: dir.to_path_buf(),
+                hostname,
+            });
+        }
+        (None, Some(_)) => {
+            return Err(format!(
+                "{:?} is served with TLS ({TLS_HOSTNAME} is set) but this provider has no client credentials: configure nbd_tls_dir",
+                shorten(uri)
+            ));
+        }
+        (None, None) => {}
+    }
+    Ok(export)
+}
+
+/// The `tls-creds-x509` object of `tls`, as `object-add` and `-object` take it (JSON).
+pub fn tls_object(tls: &Tls) -> serde_json::Value {
+    serde_json::json!({
+        "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "dir": tls.dir,
+        "endpoint": "client", "verify-peer": true,
+    })
 }
 
 /// Parses an NBD URI and checks a unix socket against `socket_dirs`.
@@ -80,6 +147,7 @@ pub fn parse(uri: &str, socket_dirs: &[PathBuf]) -> Result<Export, String> {
         return Ok(Export {
             server: Server::Unix(parent.join(file)),
             name: name.to_string(),
+            tls: None,
         });
     }
     if let Some(rest) = uri.strip_prefix("nbd://") {
@@ -103,6 +171,7 @@ pub fn parse(uri: &str, socket_dirs: &[PathBuf]) -> Result<Export, String> {
                 port,
             },
             name: name.to_string(),
+            tls: None,
         });
     }
     Err(format!("{:?} is not an nbd+unix:/// or nbd:// URI", shorten(uri)))
@@ -118,10 +187,15 @@ pub fn blockdev(export: &Export, node: &str) -> serde_json::Value {
     };
     // reconnect-delay: a volume provider restart (or an expansion, which reconnects clients)
     // stalls I/O for a moment instead of failing it.
-    serde_json::json!({
+    let mut node = serde_json::json!({
         "driver": "nbd", "node-name": node, "server": server, "export": export.name,
         "reconnect-delay": 10,
-    })
+    });
+    if let Some(tls) = &export.tls {
+        node["tls-creds"] = TLS_OBJECT.into();
+        node["tls-hostname"] = tls.hostname.clone().into();
+    }
+    node
 }
 
 #[cfg(test)]
@@ -155,6 +229,32 @@ mod tests {
         let node = blockdev(&tcp, "d0");
         assert_eq!(node["server"]["host"], "10.0.0.1");
         assert_eq!(node["server"]["port"], "10810");
+        assert!(node.get("tls-creds").is_none());
+    }
+
+    #[test]
+    fn tcp_exports_use_tls_with_credentials_and_refuse_without() {
+        let mut attributes = std::collections::BTreeMap::from([
+            (URI.to_string(), "nbd://10.0.0.1:10810/vol".to_string()),
+            (TLS_HOSTNAME.to_string(), "node-b".to_string()),
+        ]);
+        let tls_dir = Path::new("/etc/iri/nbd-tls");
+        let export = from_attributes(&attributes, &[], Some(tls_dir)).unwrap();
+        let node = blockdev(&export, "d0");
+        assert_eq!(node["tls-creds"], TLS_OBJECT);
+        assert_eq!(node["tls-hostname"], "node-b");
+        assert_eq!(
+            tls_object(export.tls.as_ref().unwrap())["dir"],
+            "/etc/iri/nbd-tls"
+        );
+        let err = from_attributes(&attributes, &[], None).unwrap_err();
+        assert!(err.contains("nbd_tls_dir"), "{err}");
+        attributes.remove(TLS_HOSTNAME);
+        assert!(from_attributes(&attributes, &[], None).unwrap().tls.is_none());
+        let export = from_attributes(&attributes, &[], Some(tls_dir)).unwrap();
+        assert_eq!(export.tls.unwrap().hostname, "10.0.0.1");
+        attributes.insert(TLS_HOSTNAME.into(), "a,b".into());
+        assert!(from_attributes(&attributes, &[], Some(tls_dir)).is_err());
     }
 
     #[test]

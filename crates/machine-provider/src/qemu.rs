@@ -14,7 +14,13 @@
 //! | `console.log`, `console.log.1` | what the console printed, appended, size-capped |
 //! | `qemu.log` | QEMU's own messages at start |
 //! | `ignition` | `spec.ignition_data` (0600), passed as fw_cfg `opt/com.coreos/config` |
+//! | `efivars.fd` | the UEFI variable store of a machine that boots from disk (firmware) |
 //! | `disk-<hex of the volume name>.qcow2` | a `local_disk` volume (sparse) |
+//!
+//! QEMU binds its sockets by names relative to the machine directory (it starts there), and
+//! the provider connects through `/proc/self/fd/<dir>/…` when the full path is too long: a unix
+//! socket path holds at most 107 bytes, and `<data>/machines/<63-character id>/console.sock`
+//! would otherwise bound the data directory to about 20 bytes.
 //!
 //! QEMU is started with `-daemonize`: it forks, the child calls `setsid`, and the parent exits
 //! once the machine is set up (or failed to be, with the reason in `qemu.log`). The machine's
@@ -50,6 +56,59 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `qemu.log` is moved to `qemu.log.1` at start when it grew beyond this.
 const MAX_QEMU_LOG_BYTES: u64 = 256 << 10;
 
+/// The QMP socket's name in the machine directory.
+const QMP_SOCKET: &str = "qmp.sock";
+/// The console socket's name in the machine directory.
+const CONSOLE_SOCKET: &str = "console.sock";
+/// The longest path a unix socket address can hold (`sun_path` is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A unix socket path that can be connected to whatever its length: the path itself when it
+/// fits in a socket address, else `/proc/self/fd/<n>/<name>` through an open handle of its
+/// directory (held as long as this value lives).
+#[derive(Debug)]
+pub struct SocketPath {
+    path: PathBuf,
+    _dir: Option<fs::File>,
+}
+
+impl SocketPath {
+    /// The connectable form of `path`.
+    pub fn new(path: &Path) -> io::Result<SocketPath> {
+        if path.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Ok(SocketPath {
+                path: path.to_path_buf(),
+                _dir: None,
+            });
+        }
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a socket path"));
+        };
+        // O_PATH: a handle for path resolution only, no read access needed.
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_o_path())
+            .open(parent)?;
+        let path = Path::new("/proc/self/fd")
+            .join(std::os::fd::AsRawFd::as_raw_fd(&dir).to_string())
+            .join(name);
+        Ok(SocketPath {
+            path,
+            _dir: Some(dir),
+        })
+    }
+
+    /// The path to connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// `O_PATH | O_DIRECTORY`.
+fn libc_o_path() -> i32 {
+    (nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY).bits()
+}
+
 /// The files of one machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineDir {
@@ -75,12 +134,12 @@ impl MachineDir {
 
     /// The QMP socket.
     pub fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.dir.join(QMP_SOCKET)
     }
 
     /// The serial console socket.
     pub fn console_socket(&self) -> PathBuf {
-        self.dir.join("console.sock")
+        self.dir.join(CONSOLE_SOCKET)
     }
 
     /// The console log.
@@ -91,6 +150,11 @@ impl MachineDir {
     /// QEMU's own log.
     pub fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
+    }
+
+    /// The machine's UEFI variable store (a copy of the firmware's template).
+    pub fn efivars(&self) -> PathBuf {
+        self.dir.join("efivars.fd")
     }
 
     /// The ignition file.
@@ -124,19 +188,12 @@ impl MachineDir {
             .filter(|&pid: &i32| pid > 0)
     }
 
-    /// The `-chardev` argument of the QMP socket: it also identifies this machine's QEMU
-    /// among all processes (its command line contains it).
-    fn qmp_chardev(&self) -> String {
-        format!(
-            "socket,id=qmp,path={},server=on,wait=off",
-            escape(&self.qmp_socket())
-        )
-    }
-
-    /// Whether `pid` is a live QEMU of this machine (by its command line; not a zombie, not a
-    /// reused pid).
+    /// Whether `pid` is a live QEMU of this machine (not a zombie, not a reused pid): its
+    /// command line names this machine's pid file, an absolute path no other machine has.
     pub fn is_ours(&self, pid: i32) -> bool {
-        cmdline(pid).is_some_and(|args| args.contains(&self.qmp_chardev())) && is_alive(pid)
+        let pid_file = self.pid_file().display().to_string();
+        cmdline(pid).is_some_and(|args| args.windows(2).any(|w| w[0] == "-pidfile" && w[1] == pid_file))
+            && is_alive(pid)
     }
 
     /// The live QEMU of this machine, if any: the pid file's process when it is ours.
@@ -268,14 +325,15 @@ pub fn command_line(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) 
     }
     arg("-pidfile".into());
     arg(dir.pid_file().display().to_string());
+    // Socket paths relative to the machine directory, QEMU's working directory at start (see
+    // the module docs): bound before `-daemonize` changes to `/`.
     arg("-chardev".into());
-    arg(dir.qmp_chardev());
+    arg(format!("socket,id=qmp,path={QMP_SOCKET},server=on,wait=off"));
     arg("-mon".into());
     arg("chardev=qmp,mode=control".into());
     arg("-chardev".into());
     arg(format!(
-        "socket,id=console,path={},server=on,wait=off",
-        escape(&dir.console_socket())
+        "socket,id=console,path={CONSOLE_SOCKET},server=on,wait=off"
     ));
     arg("-serial".into());
     arg("chardev:console".into());
@@ -298,6 +356,19 @@ pub fn command_line(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) 
         }
         arg("-append".into());
         arg(cmdline);
+    }
+    if plan.kernel.is_none() {
+        // No kernel to boot directly: UEFI firmware boots the first disk (bootindex 1).
+        arg("-drive".into());
+        arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            escape(&settings.firmware_code)
+        ));
+        arg("-drive".into());
+        arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            escape(&dir.efivars())
+        ));
     }
     if plan.ignition {
         arg("-fw_cfg".into());
@@ -323,6 +394,13 @@ pub fn command_line(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) 
                 port + 1
             ));
         }
+    }
+    if let Some(tls) = plan.disks.iter().find_map(|d| match &d.source {
+        DiskSource::Nbd(export) => export.tls.as_ref(),
+        DiskSource::Qcow2(_) => None,
+    }) {
+        arg("-object".into());
+        arg(crate::nbd::tls_object(tls).to_string());
     }
     for (i, disk) in plan.disks.iter().enumerate() {
         for node in blockdevs(disk) {
@@ -433,6 +511,20 @@ pub async fn start(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) -
             _ => {}
         }
     }
+    if plan.kernel.is_none() && !dir.efivars().exists() {
+        copy_private(&settings.firmware_vars, &dir.efivars()).map_err(|e| {
+            StartError::Permanent(format!(
+                "copying the UEFI variable store {} (qemu.firmware_vars; Debian: apt install ovmf): {e}",
+                settings.firmware_vars.display()
+            ))
+        })?;
+    }
+    if plan.kernel.is_none() && !settings.firmware_code.is_file() {
+        return Err(StartError::Permanent(format!(
+            "the machine boots from disk and needs UEFI firmware, but {} is missing (qemu.firmware_code; Debian: apt install ovmf)",
+            settings.firmware_code.display()
+        )));
+    }
     let log_path = dir.qemu_log();
     if fs::metadata(&log_path).is_ok_and(|m| m.len() > MAX_QEMU_LOG_BYTES) {
         let _ = fs::rename(&log_path, log_path.with_extension("log.1"));
@@ -500,7 +592,8 @@ pub async fn start(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) -
 /// Connects to the machine's QMP socket.
 pub async fn connect(dir: &MachineDir) -> Result<Qmp, String> {
     let socket = dir.qmp_socket();
-    match tokio::time::timeout(CONNECT_TIMEOUT, Qmp::connect(&socket)).await {
+    let path = SocketPath::new(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, Qmp::connect(path.path())).await {
         Ok(Ok(qmp)) => Ok(qmp.with_timeout(Duration::from_secs(10))),
         Ok(Err(err)) => Err(err.to_string()),
         Err(_) => Err(format!(
@@ -554,7 +647,7 @@ pub async fn wait_gone(pid: i32, timeout: Duration) -> bool {
 /// half-made image under the real name.
 pub async fn create_disk(path: &Path, size: i64) -> Result<(), StartError> {
     if path.exists() {
-        return Ok(());
+        return grow_disk(path, size).await;
     }
     let temp = path.with_extension("qcow2.tmp");
     let _ = fs::remove_file(&temp);
@@ -577,6 +670,83 @@ pub async fn create_disk(path: &Path, size: i64) -> Result<(), StartError> {
     fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))
         .and_then(|()| fs::rename(&temp, path))
         .map_err(|e| StartError::Transient(format!("placing {}: {e}", path.display())))
+}
+
+/// Makes the qcow2 image `path` from the raw disk image `rootfs` (an OCI image's rootfs
+/// layer), grown to `size` bytes when that is larger; an existing `path` is only grown.
+pub async fn create_disk_from(path: &Path, rootfs: &Path, size: i64) -> Result<(), StartError> {
+    if !path.exists() {
+        let temp = path.with_extension("qcow2.tmp");
+        let _ = fs::remove_file(&temp);
+        let output = tokio::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(rootfs)
+            .arg(&temp)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| StartError::Transient(format!("running qemu-img: {e}")))?;
+        if !output.status.success() {
+            let _ = fs::remove_file(&temp);
+            return Err(StartError::Transient(format!(
+                "qemu-img convert {}: {}",
+                rootfs.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))
+            .and_then(|()| fs::File::open(&temp)?.sync_all())
+            .and_then(|()| fs::rename(&temp, path))
+            .map_err(|e| StartError::Transient(format!("placing {}: {e}", path.display())))?;
+    }
+    grow_disk(path, size).await
+}
+
+/// The virtual size of qcow2 image `path` (from its header: big-endian u64 at byte 24).
+pub fn qcow2_size(path: &Path) -> io::Result<u64> {
+    let mut header = [0u8; 32];
+    let mut file = fs::File::open(path)?;
+    file.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a qcow2 image"));
+    }
+    Ok(u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
+}
+
+/// Grows the qcow2 image `path` of a stopped machine to `size` bytes (an UpdateVolume while
+/// it was off); never shrinks it.
+async fn grow_disk(path: &Path, size: i64) -> Result<(), StartError> {
+    let current = qcow2_size(path)
+        .map_err(|e| StartError::Transient(format!("reading the size of {}: {e}", path.display())))?;
+    if u64::try_from(size).unwrap_or(0) <= current {
+        return Ok(());
+    }
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["resize", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| StartError::Transient(format!("running qemu-img: {e}")))?;
+    if !output.status.success() {
+        return Err(StartError::Transient(format!(
+            "qemu-img resize {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` with mode 0600, atomically (temporary file, fsync, rename).
+fn copy_private(from: &Path, to: &Path) -> io::Result<()> {
+    let temp = to.with_extension("tmp");
+    let _ = fs::remove_file(&temp);
+    fs::copy(from, &temp)?;
+    fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))?;
+    fs::File::open(&temp)?.sync_all()?;
+    fs::rename(&temp, to)
 }
 
 /// Writes `data` to `path` with mode 0600, atomically (temporary file, fsync, rename).
@@ -703,7 +873,9 @@ mod tests {
             .collect();
         let joined = args.join(" ");
         assert!(joined.contains("-m 129M"), "{joined}");
-        assert!(joined.contains("path=/d,,x/m/qmp.sock"), "{joined}");
+        // Commas in paths are escaped for QEMU's option syntax.
+        assert!(joined.contains("file=/d,,x/m/ignition"), "{joined}");
+        assert!(joined.contains("-pidfile /d,x/m/pid"), "{joined}");
         assert!(
             joined.contains("-append console=ttyS0 quiet hostname=host-1"),
             "{joined}"
@@ -735,7 +907,11 @@ mod tests {
         assert_eq!(ports.len(), 6);
         let first_device = args.iter().position(|a| a.contains("virtio-blk-pci")).unwrap();
         assert!(ports.iter().all(|&p| p < first_device), "{joined}");
-        assert!(args.contains(&dir.qmp_chardev()));
+        assert!(args.contains(&"socket,id=qmp,path=qmp.sock,server=on,wait=off".to_string()));
+        assert!(
+            !dir.is_ours(std::process::id() as i32),
+            "not a QEMU of this machine"
+        );
         let nic = volume_key("eth0");
         assert!(
             joined.contains(&format!(r#"{{"id":"u{nic}","restrict":true,"type":"user"}}"#)),

@@ -48,11 +48,12 @@ use tracing::Instrument;
 
 use crate::{
     config::{Config, StoppedState},
+    images::{self, ImageCache, ImageError},
     machines::{Machines, Running},
     nbd,
     qemu::{self, BootPlan, Disk, DiskSource, Nic, StartError},
     record::{MachineRecord, blocking, record_event},
-    server::resolve_image,
+    server::{KernelImage, resolve_image},
 };
 
 /// The volume driver attached through NBD (the volume provider's).
@@ -122,6 +123,17 @@ fn volume_status(volume: &Volume, attached: bool) -> VolumeStatus {
     }
 }
 
+/// The size volume `volume` should have in the guest, when the spec says (a `local_disk` with
+/// `size_bytes`, or a connection with `effective_storage_bytes`).
+fn wanted_bytes(volume: &Volume) -> Option<u64> {
+    let bytes = match (&volume.connection, &volume.local_disk) {
+        (Some(connection), _) => connection.effective_storage_bytes,
+        (None, Some(disk)) if disk.image.is_none() => disk.size_bytes,
+        _ => 0,
+    };
+    u64::try_from(bytes).ok().filter(|&b| b > 0)
+}
+
 /// How soon a machine in transition (starting, powering off) is looked at again.
 const TRANSITION_POLL: Duration = Duration::from_millis(500);
 /// The same warning about one machine is recorded as an event at most this often.
@@ -135,6 +147,8 @@ pub struct Reconciler {
     store: Store,
     machines: Arc<Machines>,
     config: Arc<Config>,
+    /// OCI boot images, fetched into `<data-dir>/images`.
+    images: ImageCache,
     queue: ReconcileQueue<String>,
     /// The last warning per machine and reason: message and when.
     warned: Mutex<HashMap<WarningKey, (String, Instant)>>,
@@ -183,9 +197,11 @@ impl Reconciler {
             max_backoff: Duration::from_secs(30),
             ..QueueOptions::named("machine")
         });
+        let images = ImageCache::new(config.server.data_dir.join("images"), config.images.clone());
         let reconciler = Arc::new(Reconciler {
             store,
             machines,
+            images,
             config,
             queue,
             warned: Mutex::new(HashMap::new()),
@@ -557,12 +573,29 @@ impl Reconciler {
         let mut kernel = None;
         let mut disks = Vec::new();
         for volume in &spec.volumes {
+            let mut rootfs = None;
             if let Some(image) = volume.local_disk.as_ref().and_then(|d| d.image.as_ref()) {
-                kernel = Some(
-                    resolve_image(&self.config.image_dirs, &image.image).map_err(StartError::Permanent)?,
-                );
+                if images::is_oci_reference(&image.image) {
+                    let boot = self.images.boot_image(&image.image).await.map_err(|e| match e {
+                        ImageError::Permanent(m) => StartError::Permanent(m),
+                        ImageError::Transient(m) => StartError::Transient(m),
+                    })?;
+                    if let (Some(k), Some(i)) = (boot.kernel, boot.initramfs) {
+                        kernel = Some(KernelImage {
+                            kernel: k,
+                            initramfs: i,
+                            cmdline: boot.cmdline,
+                        });
+                    }
+                    rootfs = boot.rootfs;
+                } else {
+                    kernel = Some(
+                        resolve_image(&self.config.image_dirs, &image.image)
+                            .map_err(StartError::Permanent)?,
+                    );
+                }
             }
-            if let Some(disk) = self.disk(record.id(), volume).await? {
+            if let Some(disk) = self.disk(record.id(), volume, rootfs.as_deref()).await? {
                 disks.push(disk);
             }
         }
@@ -592,7 +625,14 @@ impl Reconciler {
     /// The disk QEMU gets for `volume` of machine `id`, creating a local disk's image if
     /// missing; `None` for a volume without one (a boot image without size, a driver that is
     /// not implemented).
-    async fn disk(&self, id: &str, volume: &Volume) -> Result<Option<Disk>, StartError> {
+    /// `rootfs` is the raw disk image of the volume's OCI image, if it has one: the disk is made
+    /// from a copy of it (never backed by the cached file, which may be pruned).
+    async fn disk(
+        &self,
+        id: &str,
+        volume: &Volume,
+        rootfs: Option<&std::path::Path>,
+    ) -> Result<Option<Disk>, StartError> {
         let key = qemu::volume_key(&volume.name);
         let serial = volume_serial(volume);
         if let Some(connection) = &volume.connection {
@@ -600,8 +640,12 @@ impl Reconciler {
                 // Reported PENDING with an event by write_status.
                 return Ok(None);
             }
-            let uri = connection.attributes.get(nbd::URI).map_or("", String::as_str);
-            let export = nbd::parse(uri, &self.config.nbd_socket_dirs).map_err(StartError::Permanent)?;
+            let export = nbd::from_attributes(
+                &connection.attributes,
+                &self.config.nbd_socket_dirs,
+                self.config.nbd_tls_dir.as_deref(),
+            )
+            .map_err(StartError::Permanent)?;
             return Ok(Some(Disk {
                 key,
                 source: DiskSource::Nbd(export),
@@ -611,19 +655,39 @@ impl Reconciler {
         let Some(disk) = &volume.local_disk else {
             return Ok(None);
         };
-        if disk.image.is_some() && disk.size_bytes == 0 {
-            // The image is the boot volume; there is nothing to put on a disk.
-            return Ok(None);
+        let dir = self.machines.dir(id);
+        let path = dir.disk(&volume.name);
+        if let Some(image) = &disk.image {
+            if let Some(rootfs) = rootfs {
+                dir.create()
+                    .map_err(|e| StartError::Transient(format!("creating {}: {e}", dir.path().display())))?;
+                qemu::create_disk_from(&path, rootfs, disk.size_bytes).await?;
+                return Ok(Some(Disk {
+                    key,
+                    source: DiskSource::Qcow2(path),
+                    serial,
+                }));
+            }
+            if images::is_oci_reference(&image.image) {
+                // Made at start from the image's rootfs (an image volume is not hot-plugged).
+                return Ok(path.exists().then_some(Disk {
+                    key,
+                    source: DiskSource::Qcow2(path),
+                    serial,
+                }));
+            }
+            if disk.size_bytes == 0 {
+                // The image is the boot volume; there is nothing to put on a disk.
+                return Ok(None);
+            }
         }
         let size = if disk.size_bytes > 0 {
             disk.size_bytes
         } else {
             self.config.default_local_disk_bytes
         };
-        let dir = self.machines.dir(id);
         dir.create()
             .map_err(|e| StartError::Transient(format!("creating {}: {e}", dir.path().display())))?;
-        let path = dir.disk(&volume.name);
         qemu::create_disk(&path, size).await?;
         Ok(Some(Disk {
             key,
@@ -665,7 +729,7 @@ impl Reconciler {
             if present.contains(&key) {
                 continue;
             }
-            let disk = match self.disk(record.id(), volume).await {
+            let disk = match self.disk(record.id(), volume, None).await {
                 Ok(Some(disk)) => disk,
                 Ok(None) => continue,
                 Err(StartError::Permanent(reason) | StartError::Transient(reason)) => {
@@ -693,6 +757,18 @@ impl Reconciler {
                 .await;
                 continue;
             };
+            if let DiskSource::Nbd(nbd::Export { tls: Some(tls), .. }) = &disk.source {
+                // A QEMU started without TLS volumes has no credentials object yet.
+                match running
+                    .qmp
+                    .execute_value("object-add", nbd::tls_object(tls))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(qmp::Error::Command { desc, .. }) if desc.contains("already") => {}
+                    Err(e) => return Err(unavailable("object-add", e)),
+                }
+            }
             for node in qemu::blockdevs(&disk) {
                 match running.qmp.execute_value("blockdev-add", node).await {
                     Ok(_) => {}
@@ -716,6 +792,9 @@ impl Reconciler {
             )
             .await;
         }
+        busy |= self
+            .resize_volumes(record, running, &spec.volumes, &present)
+            .await;
         let wanted: HashSet<String> = spec.volumes.iter().map(|v| qemu::volume_key(&v.name)).collect();
         for key in present.iter().filter(|k| !wanted.contains(*k)) {
             busy = true;
@@ -817,6 +896,87 @@ impl Reconciler {
         self.finish_nic_detaches(record, &done).await?;
         present.extend(nics.into_iter().map(|k| qemu::nic_device_id(&k)));
         Ok((present, busy))
+    }
+
+    /// Grows the disks of a running QEMU that are smaller than the spec wants (UpdateVolume):
+    /// `block_resize` of the disk's node, which tells the guest (virtio-blk announces the new
+    /// capacity). An NBD client only learns an export's new size when it reconnects, and the
+    /// volume provider drops its clients when it expands a volume: a read makes QEMU reconnect
+    /// before the second try. Returns whether a resize is still pending.
+    async fn resize_volumes(
+        &self,
+        record: &MachineRecord,
+        running: &Running,
+        volumes: &[Volume],
+        present: &HashSet<String>,
+    ) -> bool {
+        let wanted: Vec<(&Volume, String, u64)> = volumes
+            .iter()
+            .filter_map(|v| Some((v, qemu::volume_key(&v.name), wanted_bytes(v)?)))
+            .filter(|(_, key, _)| present.contains(key))
+            .collect();
+        if wanted.is_empty() {
+            return false;
+        }
+        let sizes = match running.node_sizes().await {
+            Ok(sizes) => sizes,
+            Err(e) => {
+                tracing::debug!(id = %record.id(), %e, "cannot read disk sizes");
+                return true;
+            }
+        };
+        let mut pending = false;
+        for (volume, key, bytes) in wanted {
+            let node = format!("d{key}");
+            let Some(&current) = sizes.get(&node) else {
+                continue;
+            };
+            if bytes <= current {
+                continue;
+            }
+            let resize = || {
+                running.qmp.execute_value(
+                    "block_resize",
+                    serde_json::json!({"node-name": node, "size": bytes}),
+                )
+            };
+            let mut result = resize().await;
+            if matches!(&result, Err(qmp::Error::Command { desc, .. }) if desc.contains("Cannot grow NBD")) {
+                let _ = running
+                    .qmp
+                    .execute_value(
+                        "human-monitor-command",
+                        serde_json::json!({"command-line": format!("qemu-io {node} \"read 0 512\"")}),
+                    )
+                    .await;
+                result = resize().await;
+            }
+            match result {
+                Ok(_) => {
+                    self.event(
+                        record,
+                        "VolumeResized",
+                        "UpdateVolume",
+                        format!("Volume {:?} grown from {current} to {bytes} bytes", volume.name),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    pending = true;
+                    self.warn(
+                        record,
+                        "ResizeVolumeFailed",
+                        "UpdateVolume",
+                        format!(
+                            "volume {:?} cannot grow from {current} to {bytes} bytes yet (is the volume itself expanded?): {e}",
+                            volume.name
+                        ),
+                    )
+                    .await;
+                }
+            }
+        }
+        pending
     }
 
     /// Forgets detached network interfaces whose device is gone.

@@ -7,10 +7,12 @@
 //! the status. Lists are served from the store's in-memory cache.
 //!
 //! Validation mirrors the reference runtime (`iri-testing`). Deliberate differences:
-//! * a boot image (`local_disk.image`) must be a local directory under one of the configured
-//!   `image_dirs`, given as `file:///dir` or `/dir`, holding `vmlinuz` and `initramfs` (or
-//!   `initramfs.cpio.gz`) for direct kernel boot; OCI images are rejected with InvalidArgument
-//!   ("not supported yet") rather than accepted into a machine that can never boot;
+//! * a boot image (`local_disk.image`) is an IronCore OCI image (`registry/repo:tag` or
+//!   `@sha256:`; fetched when the machine starts, see `images`: its kernel and initramfs are
+//!   booted directly, its rootfs becomes the volume's disk, grown to `size_bytes`, and an image
+//!   without a kernel boots from that disk with UEFI firmware), or a local directory under one
+//!   of the configured `image_dirs`, given as `file:///dir` or `/dir`, holding `vmlinuz` and
+//!   `initramfs` (or `initramfs.cpio.gz`) for direct kernel boot;
 //! * `connection` volumes of driver `nbd` (the volume provider's) are attached at start; their
 //!   `uri` must name a socket inside `nbd_socket_dirs` (or NBD over TCP). Other drivers (`ceph`)
 //!   are accepted and round-trip, but not attached: their status stays PENDING and a Warning
@@ -20,9 +22,10 @@
 //!   unplug `local_disk` (without image) and `nbd` volumes and NICs on a running machine (on a
 //!   stopped one they take effect at the next start); a detached one stays in status until the
 //!   guest has let go of it;
-//! * UpdateVolume checks the request and the name (NotFound / InvalidArgument exactly as the
-//!   contract wants) and then answers UNIMPLEMENTED: online resize is not there yet, and
-//!   changing the spec without the device would make the status lie.
+//! * UpdateVolume grows a volume online (a `local_disk`'s `size_bytes`, a connection's
+//!   `effective_storage_bytes`): anything else it would change, or a smaller size, is
+//!   InvalidArgument naming the field (detach and attach do that); the reconciler resizes the
+//!   disk and the guest sees the new capacity without a reboot.
 //!
 //! # Capacity
 //!
@@ -187,8 +190,15 @@ impl MachineService {
                         ),
                     ));
                 }
-                resolve_image(&self.config.image_dirs, &image.image)
-                    .map_err(|reason| Error::invalid(field, reason))?;
+                // OCI images are fetched when the machine starts (slow, and the registry may be
+                // down for a while): here only the reference is checked.
+                if crate::images::is_oci_reference(&image.image) {
+                    crate::images::check_reference(&image.image)
+                        .map_err(|reason| Error::invalid(field, reason))?;
+                } else {
+                    resolve_image(&self.config.image_dirs, &image.image)
+                        .map_err(|reason| Error::invalid(field, reason))?;
+                }
             }
             self.check_nbd(&field, volume)?;
         }
@@ -461,30 +471,61 @@ impl MachineService {
             .filter(|c| c.driver == crate::reconcile::NBD_DRIVER)
         {
             let field = format!("{field}.connection.attributes[\"{}\"]", crate::nbd::URI);
-            let uri = connection
-                .attributes
-                .get(crate::nbd::URI)
-                .ok_or_else(|| Error::required(field.clone()))?;
-            crate::nbd::parse(uri, &self.config.nbd_socket_dirs)
-                .map_err(|reason| Error::invalid(field, reason))?;
+            if !connection.attributes.contains_key(crate::nbd::URI) {
+                return Err(Error::required(field));
+            }
+            crate::nbd::from_attributes(
+                &connection.attributes,
+                &self.config.nbd_socket_dirs,
+                self.config.nbd_tls_dir.as_deref(),
+            )
+            .map_err(|reason| Error::invalid(field, reason))?;
         }
         Ok(())
     }
 
-    fn update_volume_checked(&self, request: UpdateVolumeRequest) -> std::result::Result<(), Status> {
+    /// UpdateVolume: the upstream machinepoollet uses it for online resize only. The new
+    /// attachment replaces the old one when it differs only in size, and only upward; the
+    /// reconciler then grows the disk the guest sees.
+    async fn update_volume(&self, request: UpdateVolumeRequest) -> Result<()> {
         let volume = request.volume.ok_or_else(|| Error::required("volume"))?;
         validate_volume("volume", &volume)?;
-        let machine = self.machine(&request.machine_id)?;
-        if !machine
-            .spec
-            .unwrap_or_default()
-            .volumes
-            .iter()
-            .any(|v| v.name == volume.name)
-        {
-            return Err(Error::not_found("volume attachment", volume.name).into());
-        }
-        Err(Status::unimplemented(hotplug_missing("UpdateVolume")))
+        self.check_nbd("volume", &volume)?;
+        let id = request.machine_id;
+        self.machine(&id)?;
+        let name = volume.name.clone();
+        let store = self.store.clone();
+        let default_bytes = self.config.default_local_disk_bytes;
+        let updated = blocking(move || {
+            store.update::<MachineRecord>(&id, |record| {
+                if record.is_deleting() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "machine {id:?} is being deleted"
+                    )));
+                }
+                let spec = record.spec.get_or_insert_with(Default::default);
+                let current = spec
+                    .volumes
+                    .iter_mut()
+                    .find(|v| v.name == volume.name)
+                    .ok_or_else(|| Error::not_found("volume attachment", volume.name.clone()))?;
+                check_volume_update(current, &volume, default_bytes)?;
+                *current = volume.clone();
+                Ok(())
+            })
+        })
+        .await?
+        .object;
+        record_event(
+            &self.store,
+            updated.metadata.as_ref(),
+            EventType::Normal,
+            "VolumeUpdating",
+            "UpdateVolume",
+            format!("Updating volume {name:?}"),
+        )
+        .await;
+        Ok(())
     }
 
     async fn attach_nic(&self, request: AttachNetworkInterfaceRequest) -> Result<()> {
@@ -599,10 +640,6 @@ impl MachineService {
 /// The most ignition data a machine may carry (it is passed to QEMU as a file through fw_cfg).
 pub const MAX_IGNITION_BYTES: usize = 4 << 20;
 
-fn hotplug_missing(rpc: &str) -> String {
-    format!("{rpc}: online volume resize is not implemented yet by {RUNTIME_NAME}")
-}
-
 impl MachineRecord {
     fn metadata_mut_annotations(&mut self) -> &mut BTreeMap<String, String> {
         &mut self.metadata.get_or_insert_with(Default::default).annotations
@@ -693,6 +730,72 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
 }
 
 /// Checks one volume attachment; `field` is its path in the request.
+/// What UpdateVolume may change of an attached volume: its size, upward. Everything else
+/// (the kind, the device, the image, the connection's driver, handle and attributes) would need
+/// the disk to be attached anew, which DetachVolume and AttachVolume do.
+fn check_volume_update(current: &Volume, new: &Volume, default_local_disk_bytes: i64) -> Result<()> {
+    let detach_attach = "UpdateVolume changes only the size; detach and attach the volume to change this";
+    if new.device != current.device {
+        return Err(Error::invalid("volume.device", detach_attach));
+    }
+    match (
+        &current.local_disk,
+        &current.connection,
+        &new.local_disk,
+        &new.connection,
+    ) {
+        (Some(old), None, Some(disk), None) => {
+            if disk.image != old.image {
+                return Err(Error::invalid("volume.local_disk.image", detach_attach));
+            }
+            let size = |bytes: i64| {
+                if bytes > 0 {
+                    bytes
+                } else {
+                    default_local_disk_bytes
+                }
+            };
+            if old.image.is_none() && size(disk.size_bytes) < size(old.size_bytes) {
+                return Err(Error::invalid(
+                    "volume.local_disk.size_bytes",
+                    format!(
+                        "volumes only grow: {} bytes is less than the {} bytes it has",
+                        size(disk.size_bytes),
+                        size(old.size_bytes)
+                    ),
+                ));
+            }
+        }
+        (None, Some(old), None, Some(connection)) => {
+            if connection.driver != old.driver {
+                return Err(Error::invalid("volume.connection.driver", detach_attach));
+            }
+            if connection.handle != old.handle {
+                return Err(Error::invalid("volume.connection.handle", detach_attach));
+            }
+            if connection.attributes != old.attributes {
+                return Err(Error::invalid("volume.connection.attributes", detach_attach));
+            }
+            if connection.effective_storage_bytes < old.effective_storage_bytes {
+                return Err(Error::invalid(
+                    "volume.connection.effective_storage_bytes",
+                    format!(
+                        "volumes only grow: {} bytes is less than the {} bytes it has",
+                        connection.effective_storage_bytes, old.effective_storage_bytes
+                    ),
+                ));
+            }
+        }
+        _ => {
+            return Err(Error::invalid(
+                "volume",
+                "UpdateVolume cannot turn a local disk into a connection or back; detach and attach instead",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_volume(field: &str, volume: &Volume) -> Result<()> {
     validate_name(&format!("{field}.name"), &volume.name)?;
     if volume.device.len() > 16
@@ -785,8 +888,8 @@ pub fn resolve_image(roots: &[PathBuf], reference: &str) -> std::result::Result<
     let path = reference.strip_prefix("file://").unwrap_or(reference);
     if !path.starts_with('/') {
         return Err(format!(
-            "{:?}: only local images (file:///dir or /dir, a directory with vmlinuz and initramfs) \
-             are supported yet; OCI images are not",
+            "{:?}: a local image is file:///dir or /dir, a directory with vmlinuz and initramfs \
+             (OCI images are registry/repository:tag)",
             shorten(reference)
         ));
     }
@@ -942,8 +1045,9 @@ impl machine_runtime_server::MachineRuntime for MachineService {
         &self,
         request: Request<UpdateVolumeRequest>,
     ) -> Result<Response<UpdateVolumeResponse>, Status> {
-        self.update_volume_checked(request.into_inner())
-            .map(|()| Response::new(UpdateVolumeResponse {}))
+        reply(self.update_volume(request.into_inner()).await, |()| {
+            UpdateVolumeResponse {}
+        })
     }
 
     async fn attach_network_interface(
@@ -1099,19 +1203,35 @@ mod tests {
                 connection: None,
             }),
         };
+        let code = |r: Result<()>| r.map_err(Status::from).unwrap_err().code();
         assert_eq!(
-            service.update_volume_checked(update("nope")).unwrap_err().code(),
+            code(service.update_volume(update("nope")).await),
             tonic::Code::NotFound
         );
-        let err = service.update_volume_checked(update("data")).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unimplemented);
-        assert!(err.message().contains("not implemented"), "{}", err.message());
+        // Growing is taken into the spec; shrinking and changing the device are not.
+        service.update_volume(update("data")).await.unwrap();
+        let stored = service.machine(&id).unwrap().spec.unwrap().volumes;
+        let stored: Vec<_> = stored.into_iter().filter(|v| v.name == "data").collect();
+        assert_eq!(stored[0].local_disk.as_ref().unwrap().size_bytes, 2 << 20);
+        let mut shrink = update("data");
+        shrink
+            .volume
+            .as_mut()
+            .unwrap()
+            .local_disk
+            .as_mut()
+            .unwrap()
+            .size_bytes = 1 << 20;
+        let err = Status::from(service.update_volume(shrink).await.unwrap_err());
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("size_bytes"), "{}", err.message());
+        let mut moved = update("data");
+        moved.volume.as_mut().unwrap().device = "odz".into();
+        let err = Status::from(service.update_volume(moved).await.unwrap_err());
+        assert!(err.message().contains("volume.device"), "{}", err.message());
         let mut unknown = update("data");
         unknown.machine_id = "nope".into();
-        assert_eq!(
-            service.update_volume_checked(unknown).unwrap_err().code(),
-            tonic::Code::NotFound
-        );
+        assert_eq!(code(service.update_volume(unknown).await), tonic::Code::NotFound);
 
         // Detach moves the volume out of the spec into `detaching`; a second detach is
         // NotFound, and attaching the name again waits until the detach completed.
@@ -1159,8 +1279,8 @@ mod tests {
         assert!(resolve_image(&roots, &sneaky).is_err());
         let err = resolve_image(&[outside.path().to_path_buf()], &url).unwrap_err();
         assert!(err.contains("image_dirs"), "{err}");
-        let err = resolve_image(&roots, "ghcr.io/ironcore-dev/os-images/gardenlinux:1").unwrap_err();
-        assert!(err.contains("OCI"), "{err}");
+        let err = resolve_image(&roots, "relative/dir").unwrap_err();
+        assert!(err.contains("file:///dir"), "{err}");
         assert!(resolve_image(&[], &url).is_err());
     }
 }

@@ -57,11 +57,17 @@ impl Provider {
     /// Writes `config` (TOML, without the data dir and address, which come as flags) and
     /// starts the provider.
     pub async fn start(dir: &Path, config: &str) -> Provider {
+        Provider::start_on(dir, dir.join("data"), config).await
+    }
+
+    /// [`Provider::start`] with the data directory elsewhere (the socket, config and log stay
+    /// in `dir`).
+    pub async fn start_on(dir: &Path, data_dir: PathBuf, config: &str) -> Provider {
         let path = dir.join("config.toml");
         std::fs::write(&path, config).expect("write config");
         let mut provider = Provider {
             dir: dir.to_path_buf(),
-            data_dir: dir.join("data"),
+            data_dir,
             socket: dir.join("machine.sock"),
             config: path,
             log: dir.join("provider.log"),

@@ -45,6 +45,10 @@ pub struct Config {
     /// despite internal addresses, plain-HTTP registries, the layer size limit. They are fetched
     /// into `<data-dir>/images`.
     pub images: crate::images::ImageSettings,
+    /// Linux bridges machines may join: a network interface whose `network_id` names one of
+    /// them gets a tap device on it (plugin `bridge`, needs root); any other `network_id` gets
+    /// the `isolated` plugin (user-mode networking). Each must exist at start.
+    pub bridges: Vec<String>,
     /// Directories NBD unix sockets of `nbd` volumes may be in (e.g. the volume provider's
     /// `local/daemon`). Empty: only NBD over TCP is accepted.
     pub nbd_socket_dirs: Vec<PathBuf>,
@@ -188,6 +192,7 @@ impl ProviderConfig for Config {
             power_off_grace_seconds: 60,
             image_dirs: Vec::new(),
             images: crate::images::ImageSettings::default(),
+            bridges: Vec::new(),
             nbd_socket_dirs: Vec::new(),
             nbd_tls_dir: None,
             stop_machines_on_exit: false,
@@ -283,6 +288,16 @@ impl Config {
                 return Err(Error::invalid(
                     format!("{table}[{i}]"),
                     format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
+        for (i, bridge) in self.bridges.iter().enumerate() {
+            if !crate::network::is_bridge(bridge) {
+                return Err(Error::invalid(
+                    format!("bridges[{i}]"),
+                    format!(
+                        "{bridge:?} is not a Linux bridge on this host (ip link add {bridge} type bridge)"
+                    ),
                 ));
             }
         }

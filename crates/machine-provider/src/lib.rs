@@ -17,14 +17,14 @@
 //! `opt/com.coreos/config`, the hostname as fw_cfg `opt/dev.ironcore/hostname` and as
 //! `hostname=`/`systemd.hostname=` on the kernel command line.
 //!
-//! # What this increment attaches
+//! # What it attaches
 //!
-//! * volumes: `local_disk` (a sparse qcow2 in the machine directory) and `connection` with
-//!   driver `nbd` (the volume provider's), at start and by hot-plug into pre-created PCIe root
-//!   ports; other drivers (`ceph`) stay PENDING with a Warning event; UpdateVolume (online
-//!   resize) answers UNIMPLEMENTED;
-//! * network interfaces: the `isolated` plugin (QEMU user-mode networking, `restrict=on`), at
-//!   start and by hot-plug.
+//! * volumes: `local_disk` (a sparse qcow2 in the machine directory, or made from an OCI
+//!   image's rootfs) and `connection` with driver `nbd` (the volume provider's; over TCP with
+//!   TLS given `nbd_tls_dir`), at start and by hot-plug into pre-created PCIe root ports, grown
+//!   online by UpdateVolume; other drivers (`ceph`) stay PENDING with a Warning event;
+//! * network interfaces: plugin `bridge` (a tap on a configured Linux bridge) or `isolated`
+//!   (QEMU user-mode networking, `restrict=on`), at start and by hot-plug.
 //!
 //! [`run`] wires it together; the binary adds flags and logging.
 
@@ -34,6 +34,7 @@ pub mod exec;
 pub mod images;
 pub mod machines;
 pub mod nbd;
+pub mod network;
 pub mod qemu;
 pub mod reconcile;
 pub mod record;

@@ -219,17 +219,19 @@ pub struct BootPlan {
     pub hostname: String,
     /// Disks, in boot order.
     pub disks: Vec<Disk>,
-    /// Network interfaces of the `isolated` plugin.
+    /// Network interfaces.
     pub nics: Vec<Nic>,
 }
 
-/// A network interface of a machine (plugin `isolated`).
+/// A network interface of a machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
     /// [`volume_key`] of the NIC's name: names its device (`n<key>`) and netdev (`u<key>`).
     pub key: String,
     /// Its MAC address.
     pub mac: String,
+    /// How it is connected.
+    pub plugin: crate::network::Plugin,
 }
 
 /// The QEMU device id of the NIC with `key`.
@@ -243,11 +245,9 @@ pub fn key_of_nic(id: &str) -> Option<String> {
     (key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit())).then(|| key.to_string())
 }
 
-/// The netdev of `nic`, as `netdev_add` and `-netdev` take it (JSON). User-mode networking
-/// with restrict=on: the guest gets DHCP and nothing else, no route to the host or beyond, and
-/// QEMU needs no privileges for it.
+/// The netdev of `nic`, as `netdev_add` and `-netdev` take it (JSON): see [`crate::network`].
 pub fn netdev(nic: &Nic) -> Value {
-    serde_json::json!({"type": "user", "id": format!("u{}", nic.key), "restrict": true})
+    crate::network::netdev(&nic.plugin, &format!("u{}", nic.key))
 }
 
 /// The virtio-net device of `nic` on `bus` (JSON).
@@ -865,6 +865,7 @@ mod tests {
             nics: vec![Nic {
                 key: volume_key("eth0"),
                 mac: mac_address("m", "eth0"),
+                plugin: crate::network::Plugin::Isolated,
             }],
         };
         let args: Vec<String> = command_line(&QemuSettings::default(), &dir, &plan)

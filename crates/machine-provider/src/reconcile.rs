@@ -14,9 +14,9 @@
 //! A guest that powers itself off (QEMU exits) while its desired power is on is reported and
 //! started again; with desired power off it stays off.
 //!
-//! Network interfaces use the `isolated` plugin: each NIC is a virtio-net device on its own
-//! QEMU user-mode network (`restrict=on`: DHCP for the guest, no route anywhere), with a MAC
-//! address derived from machine id and NIC name. `network_id` and `ips` are stored, not used.
+//! Network interfaces are virtio-net devices with a MAC address derived from machine id and
+//! NIC name, connected by the plugin `network_id` selects (see `network`: a tap on a configured
+//! bridge, else isolated user-mode networking). `ips` are stored, not used (no IPAM here).
 //!
 //! Hot-plug: on a running machine, volumes and NICs the spec has and QEMU does not are added
 //! into a free PCIe root port; ones QEMU has and the spec does not are unplugged, which the
@@ -50,7 +50,7 @@ use crate::{
     config::{Config, StoppedState},
     images::{self, ImageCache, ImageError},
     machines::{Machines, Running},
-    nbd,
+    nbd, network,
     qemu::{self, BootPlan, Disk, DiskSource, Nic, StartError},
     record::{MachineRecord, blocking, record_event},
     server::{KernelImage, resolve_image},
@@ -82,19 +82,25 @@ pub fn volume_serial(volume: &Volume) -> String {
     }
 }
 
-fn nic_of(id: &str, nic: &NetworkInterface) -> Nic {
+fn nic_of(bridges: &[String], id: &str, nic: &NetworkInterface) -> Nic {
     Nic {
         key: qemu::volume_key(&nic.name),
         mac: qemu::mac_address(id, &nic.name),
+        plugin: network::plugin(bridges, id, &nic.name, &nic.network_id),
     }
 }
 
-fn nic_status(id: &str, nic: &NetworkInterface, attached: bool) -> NetworkInterfaceStatus {
+fn nic_status(
+    bridges: &[String],
+    id: &str,
+    nic: &NetworkInterface,
+    attached: bool,
+) -> NetworkInterfaceStatus {
+    let wanted = nic_of(bridges, id, nic);
     NetworkInterfaceStatus {
         name: nic.name.clone(),
-        // The isolated plugin's handle: the MAC address, how the guest tells NICs apart.
         handle: if attached {
-            format!("isolated/{}", qemu::mac_address(id, &nic.name))
+            network::handle(&wanted.plugin, &wanted.mac)
         } else {
             String::new()
         },
@@ -615,7 +621,7 @@ impl Reconciler {
             nics: spec
                 .network_interfaces
                 .iter()
-                .map(|n| nic_of(record.id(), n))
+                .map(|n| nic_of(&self.config.bridges, record.id(), n))
                 .collect(),
             hostname: spec.guest_config.map(|g| g.hostname).unwrap_or_default(),
             disks,
@@ -824,8 +830,20 @@ impl Reconciler {
 
         // Network interfaces, the same way.
         for nic in &spec.network_interfaces {
-            let wanted = nic_of(record.id(), nic);
+            let wanted = nic_of(&self.config.bridges, record.id(), nic);
             if nics.contains(&wanted.key) {
+                if let network::Plugin::Bridge { bridge, tap } = &wanted.plugin
+                    && let Err(reason) = network::attach_tap(tap, bridge).await
+                {
+                    busy = true;
+                    self.warn(
+                        record,
+                        "AttachNICFailed",
+                        "AttachNetworkInterface",
+                        format!("network interface {:?}: {reason}", nic.name),
+                    )
+                    .await;
+                }
                 continue;
             }
             let Some(port) = ports.iter().find(|p| !used.contains(p.as_str())) else {
@@ -1106,14 +1124,14 @@ impl Reconciler {
         let mut network_interfaces: Vec<NetworkInterfaceStatus> = spec
             .network_interfaces
             .iter()
-            .map(|n| nic_status(record.id(), n, running && has_nic(n)))
+            .map(|n| nic_status(&self.config.bridges, record.id(), n, running && has_nic(n)))
             .collect();
         network_interfaces.extend(
             record
                 .detaching_nics
                 .iter()
                 .filter(|n| has_nic(n) && !spec.network_interfaces.iter().any(|s| s.name == n.name))
-                .map(|n| nic_status(record.id(), n, true)),
+                .map(|n| nic_status(&self.config.bridges, record.id(), n, true)),
         );
         if !unsupported.is_empty() && !record.is_deleting() {
             self.warn(

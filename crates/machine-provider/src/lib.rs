@@ -7,13 +7,14 @@
 //! status back) → `machines`/`qemu` (QEMU processes, their QMP and console connections).
 //! `exec` serves console sessions over the Kubernetes remote-command WebSocket protocol.
 //!
-//! # Boot images (this increment)
+//! # Boot images
 //!
-//! A machine boots by direct kernel boot from the image of its `local_disk` volume: the image
-//! reference is a local directory (`file:///dir` or `/dir`) inside one of the configured
-//! `image_dirs`, holding `vmlinuz`, `initramfs` (or `initramfs.cpio.gz`) and optionally
-//! `cmdline` (extra kernel arguments). `scripts/test-guest` builds such a directory. OCI
-//! images and UEFI disk boot come later. Ignition data reaches the guest as fw_cfg
+//! The image of a machine's `local_disk` volume is an IronCore OCI image ([`images`]: kernel
+//! and initramfs booted directly, a rootfs copied into the disk) or a local directory
+//! (`file:///dir` or `/dir`) inside one of the configured `image_dirs`, holding `vmlinuz`,
+//! `initramfs` (or `initramfs.cpio.gz`) and optionally `cmdline` (extra kernel arguments);
+//! `scripts/test-guest` builds such a directory. Without a kernel the machine boots its first
+//! disk with UEFI firmware (OVMF). Ignition data reaches the guest as fw_cfg
 //! `opt/com.coreos/config`, the hostname as fw_cfg `opt/dev.ironcore/hostname` and as
 //! `hostname=`/`systemd.hostname=` on the kernel command line.
 //!
@@ -140,6 +141,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     let reconciler = Reconciler::new(store.clone(), machines.clone(), config.clone());
     reconciler.remove_orphans().await;
+    reconciler.retry_failed_starts().await;
     let workers = reconciler.start(
         config.workers,
         Duration::from_secs(config.resync_seconds),

@@ -6,6 +6,9 @@
 //! `nbd_socket_dirs` (checked after resolving symlinks and `..`): a client cannot make QEMU
 //! connect to arbitrary sockets of the host.
 //!
+//! Given client credentials (`nbd_tls_dir`), a volume whose access has a `tcp_uri` is attached
+//! through it rather than through `uri`.
+//!
 //! NBD over TCP uses TLS when the provider has client credentials (`nbd_tls_dir`): QEMU's
 //! `tls-creds-x509` object [`TLS_OBJECT`] and the attribute `tls_hostname` (the name the
 //! server's certificate carries; the volume provider names it). A volume whose access asks for
@@ -17,6 +20,8 @@ use iri_runtime::validate::shorten;
 
 /// The `uri` attribute of an `nbd` volume.
 pub const URI: &str = "uri";
+/// The attribute with the export's `nbd://` URI when it is also served over TCP.
+pub const TCP_URI: &str = "tcp_uri";
 /// The attribute naming the host name in the server's TLS certificate.
 pub const TLS_HOSTNAME: &str = "tls_hostname";
 /// The QEMU object id of the TLS client credentials.
@@ -63,7 +68,13 @@ pub fn from_attributes(
     socket_dirs: &[PathBuf],
     tls_dir: Option<&Path>,
 ) -> Result<Export, String> {
-    let uri = attributes.get(URI).map_or("", String::as_str);
+    // A volume provider with TCP exports hands out both; a machine provider with TLS client
+    // credentials is set up for volumes of other hosts and takes the one that works from
+    // anywhere (a unix socket path may name this host's own volume daemon at the same path).
+    let uri = match attributes.get(TCP_URI).filter(|u| !u.is_empty()) {
+        Some(tcp) if tls_dir.is_some() => tcp.as_str(),
+        _ => attributes.get(URI).map_or("", String::as_str),
+    };
     let mut export = parse(uri, socket_dirs)?;
     let Server::Tcp { host, .. } = &export.server else {
         return Ok(export);
@@ -253,6 +264,20 @@ mod tests {
         assert!(from_attributes(&attributes, &[], None).unwrap().tls.is_none());
         let export = from_attributes(&attributes, &[], Some(tls_dir)).unwrap();
         assert_eq!(export.tls.unwrap().hostname, "10.0.0.1");
+        // With credentials, tcp_uri wins over a unix socket uri; without, uri is used.
+        let both = std::collections::BTreeMap::from([
+            (
+                URI.to_string(),
+                "nbd+unix:///vol?socket=/nonexistent/nbd.sock".to_string(),
+            ),
+            (TCP_URI.to_string(), "nbd://node-b:10809/vol".to_string()),
+        ]);
+        let export = from_attributes(&both, &[], Some(tls_dir)).unwrap();
+        assert!(matches!(export.server, Server::Tcp { ref host, port: 10809 } if host == "node-b"));
+        assert!(
+            from_attributes(&both, &[], None).is_err(),
+            "the unix socket is not allowed"
+        );
         attributes.insert(TLS_HOSTNAME.into(), "a,b".into());
         assert!(from_attributes(&attributes, &[], Some(tls_dir)).is_err());
     }

@@ -232,6 +232,40 @@ impl Reconciler {
                 Err(err) => tracing::warn!(id = %id, %err, "cannot remove an orphaned machine directory"),
             }
         }
+        // Cached boot images no machine names any more (deleted machines' images).
+        let keep: HashSet<String> = self
+            .store
+            .list::<MachineRecord>(&ObjectFilter::default())
+            .into_iter()
+            .flat_map(|stored| stored.object.spec.unwrap_or_default().volumes)
+            .filter_map(|v| v.local_disk?.image)
+            .map(|image| image.image)
+            .filter(|image| images::is_oci_reference(image))
+            .collect();
+        match self.images.prune(&keep).await {
+            Ok(0) => {}
+            Ok(freed) => tracing::info!(freed, "removed cached boot images no machine uses"),
+            Err(err) => tracing::warn!(%err, "cannot prune cached boot images"),
+        }
+    }
+
+    /// Forgets which machines failed to start for good: a provider restart retries them, since
+    /// the operator may have fixed the cause (installed a firmware, freed a port) meanwhile.
+    pub async fn retry_failed_starts(&self) {
+        for stored in self.store.list::<MachineRecord>(&ObjectFilter::default()) {
+            if stored.object.failed_generation != 0 {
+                let id = stored.object.id().to_string();
+                if let Err(err) = self
+                    .update(&id, |r| {
+                        r.failed_generation = 0;
+                        Ok(())
+                    })
+                    .await
+                {
+                    tracing::warn!(%id, %err, "cannot reset a failed start");
+                }
+            }
+        }
     }
 
     /// Starts `workers` workers, the change feed, and a resync every `resync`.

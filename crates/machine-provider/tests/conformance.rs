@@ -3,8 +3,7 @@
 //! guest (`scripts/test-guest`) under QEMU/TCG: profiles core, exec, hotplug and data-plane must pass
 //! without a single failure.
 //!
-//! Not run here: `update_volume_resizes` (UpdateVolume answers UNIMPLEMENTED in this
-//! increment), restart (covered by `tests/provider.rs`, which kills the provider itself),
+//! Not run here: restart (covered by `tests/provider.rs`, which kills the provider itself),
 //! scale, and the volume/bucket profiles.
 
 mod common;
@@ -53,7 +52,6 @@ accel = ["tcg"]
     let profiles = [Profile::Core, Profile::Exec, Profile::Hotplug, Profile::DataPlane];
     let options = RunOptions {
         profiles: profiles.iter().copied().collect::<BTreeSet<_>>(),
-        skip: Some(regex::Regex::new("update_volume_resizes").unwrap()),
         config: suite,
         ..RunOptions::new(RuntimeKind::Machine)
     };

@@ -40,10 +40,12 @@ pub struct QueueLabels {
 /// One gauge family whose samples are computed on each scrape.
 type GaugeSource = Box<dyn Fn() -> Vec<(Vec<(String, String)>, i64)> + Send + Sync>;
 
+/// A family, with every source registered under its name (e.g. one per reconcile queue: the
+/// exposition may describe a family once only).
 struct ScrapeGauge {
     name: String,
     help: String,
-    source: GaugeSource,
+    sources: Vec<GaugeSource>,
 }
 
 /// Gauges computed at scrape time, so they can never go stale.
@@ -60,7 +62,7 @@ impl Collector for ScrapeGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let gauges = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for gauge in gauges.iter() {
-            let samples = (gauge.source)();
+            let samples = gauge.sources.iter().flat_map(|source| source());
             let metric_type = ConstGauge::new(0i64).metric_type();
             let mut family = encoder.encode_descriptor(&gauge.name, &gauge.help, None, metric_type)?;
             for (labels, value) in samples {
@@ -141,7 +143,8 @@ impl Metrics {
     }
 
     /// Registers a gauge family whose samples `source` computes on every scrape, as
-    /// `(labels, value)` pairs. Used for store object counts and queue depth.
+    /// `(labels, value)` pairs. Used for store object counts and queue depth. Registering a
+    /// name again adds a source to the same family (their label sets must differ).
     pub fn register_gauge(
         &self,
         name: &str,
@@ -149,11 +152,14 @@ impl Metrics {
         source: impl Fn() -> Vec<(Vec<(String, String)>, i64)> + Send + Sync + 'static,
     ) {
         let mut gauges = self.scrape_gauges.0.lock().unwrap_or_else(|e| e.into_inner());
-        gauges.push(ScrapeGauge {
-            name: name.to_string(),
-            help: help.to_string(),
-            source: Box::new(source),
-        });
+        match gauges.iter_mut().find(|g| g.name == name) {
+            Some(gauge) => gauge.sources.push(Box::new(source)),
+            None => gauges.push(ScrapeGauge {
+                name: name.to_string(),
+                help: help.to_string(),
+                sources: vec![Box::new(source)],
+            }),
+        }
     }
 
     /// The OpenMetrics text exposition of everything registered.
@@ -229,6 +235,29 @@ mod tests {
             metrics
                 .encode()
                 .contains(r#"iri_reconcile_queue_depth{queue="machine"} 2"#)
+        );
+        // A second queue adds its samples to the same family, described once.
+        metrics.register_gauge("iri_reconcile_queue_depth", "Keys waiting", || {
+            vec![(vec![("queue".into(), "snapshot".into())], 5)]
+        });
+        let text = metrics.encode();
+        assert_eq!(
+            text.matches("# HELP iri_reconcile_queue_depth").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE iri_reconcile_queue_depth").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"iri_reconcile_queue_depth{queue="snapshot"} 5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"iri_reconcile_queue_depth{queue="machine"} 2"#),
+            "{text}"
         );
     }
 }

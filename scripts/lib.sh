@@ -43,12 +43,12 @@ install_packages() {
 }
 
 # What the providers drive: qemu-storage-daemon, qemu-img and qemu-io (volumes), and
-# qemu-system-x86_64 (machines).
-RUNTIME_PACKAGES=(qemu-utils qemu-system-x86)
+# qemu-system-x86_64 with OVMF (machines; UEFI for disk images) and ip (bridge NICs).
+RUNTIME_PACKAGES=(qemu-utils qemu-system-x86 ovmf iproute2)
 
 # What only the tests need: a real OCI registry (the CNCF distribution server) to pull
 # IronCore images from.
-TEST_PACKAGES=(docker-registry)
+TEST_PACKAGES=(docker-registry binutils fdisk mtools)
 
 # The S3 client the bucket tests (and the conformance suite's bucket data-plane profile) drive.
 PYTHON_PACKAGES=(boto3)

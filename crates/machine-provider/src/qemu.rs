@@ -56,6 +56,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `qemu.log` is moved to `qemu.log.1` at start when it grew beyond this.
 const MAX_QEMU_LOG_BYTES: u64 = 256 << 10;
 
+/// The least memory a machine booting with UEFI firmware gets started with.
+pub const MIN_UEFI_MEMORY_BYTES: i64 = 192 << 20;
 /// The QMP socket's name in the machine directory.
 const QMP_SOCKET: &str = "qmp.sock";
 /// The console socket's name in the machine directory.
@@ -518,6 +520,14 @@ pub async fn start(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) -
                 settings.firmware_vars.display()
             ))
         })?;
+    }
+    if plan.kernel.is_none() && plan.memory_bytes < MIN_UEFI_MEMORY_BYTES {
+        // OVMF stops with an invalid opcode after starting the loader below ~160 MiB.
+        return Err(StartError::Permanent(format!(
+            "the machine boots from disk with UEFI firmware, which needs at least {} MiB of memory; its class has {} MiB",
+            MIN_UEFI_MEMORY_BYTES >> 20,
+            plan.memory_bytes >> 20
+        )));
     }
     if plan.kernel.is_none() && !settings.firmware_code.is_file() {
         return Err(StartError::Permanent(format!(

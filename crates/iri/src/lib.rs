@@ -16,6 +16,10 @@
 //! Sockets: as root with the default data directory, at upstream's well-known paths
 //! (`/var/run/iri-<kind>provider.sock`), where poollets and `irictl` look; otherwise
 //! `<data-dir>/<kind>.sock`, so that several nodes can share a host.
+//!
+//! Stopping (Ctrl-C) leaves the storage daemon and the running machines up, to be adopted at
+//! the next start; `iri up --stop-machines` sets `[machine] stop_machines_on_exit`, so that the
+//! machine provider powers them off on its way out (their stored power stays on).
 
 use std::{
     future::Future,

@@ -39,6 +39,11 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// On Ctrl-C, stop the running machines too (ACPI power-down, forced off after
+        /// `[machine] power_off_grace_seconds`); their power stays on in the store, so the next
+        /// start boots them again. Same as `[machine] stop_machines_on_exit = true`.
+        #[arg(long)]
+        stop_machines: bool,
     },
 }
 
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
         config,
         print_config,
         log_json,
+        stop_machines,
     } = Args::parse().command;
     let default_dir = default_data_dir();
     // Sockets go where upstream clients look only for the default node of a root user; any
@@ -58,10 +64,13 @@ fn main() -> ExitCode {
         Ok(dir) => dir,
         Err(err) => return fail(&format!("data directory {}: {err}", data_dir.display())),
     };
-    let config = match NodeConfig::load(&data_dir, well_known, config.as_deref()) {
+    let mut config = match NodeConfig::load(&data_dir, well_known, config.as_deref()) {
         Ok(config) => config,
         Err(err) => return fail(&format!("{err:#}")),
     };
+    if stop_machines {
+        config.machine.stop_machines_on_exit = true;
+    }
     if print_config {
         return match config.render() {
             Ok(text) => {
@@ -86,15 +95,29 @@ fn main() -> ExitCode {
         let node = tokio::spawn(up(config, shutdown_signal()));
         let lines = health(&report, Duration::from_secs(60)).await;
         println!("{}", lines.join("\n"));
-        println!(
-            "Ctrl-C stops the providers; running machines keep running and are adopted at the next start."
-        );
+        println!("{}", shutdown_notice(&report));
         match node.await {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(err)) => fail(&format!("{err:#}")),
             Err(err) => fail(&format!("{err}")),
         }
     })
+}
+
+/// What Ctrl-C will do, printed under the health screen.
+fn shutdown_notice(config: &NodeConfig) -> String {
+    if config.machine.stop_machines_on_exit {
+        format!(
+            "Ctrl-C stops the providers and the running machines (ACPI power-down, forced off after \
+             {} s); machines whose power is on boot again at the next start. The storage daemon \
+             keeps serving volumes.",
+            config.machine.power_off_grace_seconds
+        )
+    } else {
+        "Ctrl-C stops the providers; running machines keep running and are adopted at the next \
+         start (iri up --stop-machines stops them too). The storage daemon keeps serving volumes."
+            .to_string()
+    }
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -12,6 +12,8 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
+mod support;
+
 #[test]
 fn up_serves_machines_volumes_and_buckets_and_stops_on_ctrl_c() {
     // Short: a machine's sockets live at <data>/machine/machines/<63-character id>/, and a unix
@@ -94,4 +96,73 @@ fn up_serves_machines_volumes_and_buckets_and_stops_on_ctrl_c() {
     {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
+}
+
+/// `iri up --stop-machines`: Ctrl-C powers the running machines off (ACPI, forced after the
+/// grace period) instead of leaving them for the next start; their power stays on in the
+/// store, so the next start boots them again.
+#[test]
+fn stop_machines_stops_running_machines_on_ctrl_c() {
+    if let Some(reason) = support::skip_reason(&[]) {
+        eprintln!("SKIP stop_machines_stops_running_machines_on_ctrl_c: {reason}");
+        return;
+    }
+    let printed = Command::new(env!("CARGO_BIN_EXE_iri"))
+        .args([
+            "up",
+            "--print-config",
+            "--stop-machines",
+            "--data-dir",
+            "/tmp/unused",
+        ])
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        config.contains("stop_machines_on_exit = true"),
+        "--stop-machines sets [machine] stop_machines_on_exit:\n{config}"
+    );
+    let mut node = support::Node::start(
+        "s",
+        &support::Settings {
+            args: &["--stop-machines"],
+            ..Default::default()
+        },
+    );
+    let notice = node.notice();
+    assert!(
+        notice.contains("stops the providers and the running machines"),
+        "{notice}"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let image = node.data.join("images/test-guest");
+    let id = runtime.block_on(support::iri::create_machine(
+        &node.socket("machine"),
+        &image,
+        None,
+    ));
+    support::wait_console(&node.data, &id, "IRI-TEST-GUEST READY", Duration::from_secs(120));
+    let pids = node.qemu_pids();
+    assert_eq!(pids.len(), 1, "one QEMU: {pids:?}");
+
+    let stopping = std::time::Instant::now();
+    node.interrupt();
+    // iri up returns once the machines are down: ACPI within the grace period (10 s), or
+    // forced.
+    assert!(
+        !support::alive(pids[0]),
+        "QEMU {} still runs after iri up --stop-machines exited; log:\n{}",
+        pids[0],
+        node.log()
+    );
+    eprintln!("machines stopped and iri up exited in {:?}", stopping.elapsed());
+
+    // Its power is still on: the next start boots it again (a new QEMU).
+    std::fs::remove_file(node.data.join("machine/machines").join(&id).join("console.log")).ok();
+    node.restart();
+    support::wait_console(&node.data, &id, "IRI-TEST-GUEST READY", Duration::from_secs(120));
+    let again = node.qemu_pids();
+    assert_eq!(again.len(), 1, "one QEMU: {again:?}");
+    assert_ne!(again, pids, "a new QEMU after the restart");
+    node.stop();
 }

@@ -9,6 +9,10 @@
 //!
 //! [`run`] wires them together; the binary adds flags and logging.
 
+/// The default log filter of a process serving S3: `s3s` is off (it logs every refused request
+/// at ERROR level).
+pub const LOG_FILTER: &str = "info,s3s=off";
+
 pub mod backend;
 pub mod config;
 pub mod reconcile;

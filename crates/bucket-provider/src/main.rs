@@ -47,7 +47,10 @@ fn main() -> ExitCode {
             Err(err) => fail(&err),
         };
     }
-    init_logging(config.server.log_format);
+    // s3s logs every refused S3 request (a 403, a 404) at ERROR level, which would bury real
+    // errors under ordinary client mistakes: off unless RUST_LOG asks for it. The provider logs
+    // its own S3 failures, and iri_s3_requests{operation,status} counts every answer.
+    iri_runtime::logging::init_with_default(config.server.log_format, bucket_provider::LOG_FILTER);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(&err),
@@ -59,29 +62,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(&format!("{err:#}")),
     }
-}
-
-/// `iri_runtime::logging::init`, with one difference in the default filter: `s3s` logs every
-/// refused S3 request (a 403, a 404) at ERROR level, which would bury real errors under
-/// ordinary client mistakes. Its logs are off unless `RUST_LOG` asks for them; the provider
-/// logs its own S3 failures, and `iri_s3_requests{operation,status}` counts every answer.
-fn init_logging(format: iri_runtime::logging::LogFormat) {
-    use tracing_subscriber::{EnvFilter, fmt, prelude::*};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,s3s=off"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match format {
-        iri_runtime::logging::LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
-        iri_runtime::logging::LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-    };
 }
 
 fn fail(err: &dyn std::fmt::Display) -> ExitCode {

@@ -20,7 +20,13 @@ pub enum LogFormat {
 /// Installs the global subscriber: level from `RUST_LOG` (default `info`), to stderr. Calling it
 /// twice is harmless (the second call does nothing), so tests may call it freely.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// [`init`] with another filter where `RUST_LOG` is unset, e.g. `info,s3s=off` for a process
+/// serving S3 (`s3s` logs every refused request, a 403 or a 404, at ERROR level).
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Text => registry

@@ -13,6 +13,9 @@
 //! <data-dir>/bucket/               the bucket provider's
 //! ```
 //!
+//! Machine classes are sized to the host (see [`host_classes`]) unless the config file names
+//! its own `[[machine.classes]]`.
+//!
 //! Sockets: as root with the default data directory, at upstream's well-known paths
 //! (`/var/run/iri-<kind>provider.sock`), where poollets and `irictl` look; otherwise
 //! `<data-dir>/<kind>.sock`, so that several nodes can share a host.
@@ -58,6 +61,46 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
+const GIB: i64 = 1 << 30;
+
+/// The machine classes of a host with `cpus` CPUs and `memory` bytes for machines: `small` (1
+/// CPU, 1 GiB), `medium` (2 CPUs, 4 GiB) and `large` (half the host), each capped at the host,
+/// and left out when it would not fit or is no bigger than the one before.
+pub fn host_classes(cpus: i64, memory: i64) -> Vec<machine_provider::config::MachineClass> {
+    use machine_provider::config::{CPU, MEMORY, MachineClass};
+    let cpus = cpus.max(1);
+    let wanted = [
+        ("small", 1, GIB),
+        ("medium", 2, 4 * GIB),
+        ("large", cpus / 2, memory / 2 / GIB * GIB),
+    ];
+    let mut classes: Vec<MachineClass> = Vec::new();
+    for (name, cpu, bytes) in wanted {
+        let (cpu, bytes) = (cpu.clamp(1, cpus), bytes.min(memory / GIB * GIB));
+        let bigger = classes
+            .last()
+            .is_none_or(|last| bytes > last.memory_bytes() || cpu > last.cpus());
+        if bytes >= GIB && bigger {
+            classes.push(MachineClass {
+                name: name.into(),
+                resources: [(CPU.to_string(), cpu), (MEMORY.to_string(), bytes)].into(),
+            });
+        }
+    }
+    if classes.is_empty() {
+        // A host with less than 1 GiB to give: one class of what there is.
+        classes.push(MachineClass {
+            name: "small".into(),
+            resources: [
+                (CPU.to_string(), 1),
+                (MEMORY.to_string(), (memory / 2).max(256 << 20)),
+            ]
+            .into(),
+        });
+    }
+    classes
+}
+
 impl NodeConfig {
     /// Defaults for a node in `data_dir`; `well_known_sockets` puts the sockets where upstream
     /// clients look (root, default data directory).
@@ -78,6 +121,15 @@ impl NodeConfig {
                 data_dir.join(format!("{kind}.sock")).display().to_string()
             };
         }
+        // Classes sized to this host (a config file's [[machine.classes]] replaces them).
+        let host = machine.host_capacity();
+        let usable_memory = host[machine_provider::config::MEMORY]
+            - machine
+                .reserve
+                .get(machine_provider::config::MEMORY)
+                .copied()
+                .unwrap_or(0);
+        machine.classes = host_classes(host[machine_provider::config::CPU], usable_memory);
         // The wiring: machines attach this node's volumes and boot its images.
         machine.nbd_socket_dirs = vec![data_dir.join("volume/local/daemon")];
         machine.image_dirs = vec![images.clone()];
@@ -291,5 +343,61 @@ async fn probe(kind: RuntimeKind, endpoint: &Endpoint) -> Result<String, String>
                 names.join(", ")
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(classes: &[machine_provider::config::MachineClass]) -> Vec<(String, i64, i64)> {
+        classes
+            .iter()
+            .map(|c| (c.name.clone(), c.cpus(), c.memory_bytes() / GIB))
+            .collect()
+    }
+
+    #[test]
+    fn classes_follow_the_host() {
+        assert_eq!(
+            sizes(&host_classes(16, 64 * GIB)),
+            [
+                ("small".into(), 1, 1),
+                ("medium".into(), 2, 4),
+                ("large".into(), 8, 32)
+            ]
+        );
+        // Two CPUs and 23 GiB (this CI machine): large has more memory, not more CPUs.
+        assert_eq!(
+            sizes(&host_classes(2, 23 * GIB)),
+            [
+                ("small".into(), 1, 1),
+                ("medium".into(), 2, 4),
+                ("large".into(), 1, 11)
+            ]
+        );
+        // A small host: medium is capped and large would be no bigger.
+        assert_eq!(
+            sizes(&host_classes(1, 3 * GIB)),
+            [("small".into(), 1, 1), ("medium".into(), 1, 3)]
+        );
+        let tiny = host_classes(1, 512 << 20);
+        assert_eq!(tiny.len(), 1);
+        assert_eq!(tiny[0].memory_bytes(), 256 << 20);
+    }
+
+    #[test]
+    fn a_config_file_replaces_the_derived_classes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "[[machine.classes]]\nname = \"only\"\nresources = { cpu = 1, memory = 268435456 }\n",
+        )
+        .unwrap();
+        let config = NodeConfig::load(dir.path(), false, Some(&file)).unwrap();
+        assert_eq!(sizes(&config.machine.classes), [("only".into(), 1, 0)]);
+        let defaults = NodeConfig::load(dir.path(), false, None).unwrap();
+        assert!(defaults.machine.classes.iter().any(|c| c.name == "small"));
     }
 }

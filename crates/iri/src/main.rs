@@ -36,7 +36,7 @@ enum Command {
         /// Print the effective configuration, every default written out, and exit.
         #[arg(long)]
         print_config: bool,
-        /// Log as JSON lines instead of text.
+        /// Log as JSON lines instead of text (also when any provider's `log_format` is `json`).
         #[arg(long)]
         log_json: bool,
         /// On Ctrl-C, stop the running machines too (ACPI power-down, forced off after
@@ -80,11 +80,19 @@ fn main() -> ExitCode {
             Err(err) => fail(&format!("{err:#}")),
         };
     }
-    logging::init(if log_json {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
-    });
+    // One process, one log: JSON when asked by the flag or by any provider's [*.server] table.
+    let json = log_json
+        || [
+            &config.machine.server,
+            &config.volume.server,
+            &config.bucket.server,
+        ]
+        .iter()
+        .any(|server| server.log_format == LogFormat::Json);
+    logging::init_with_default(
+        if json { LogFormat::Json } else { LogFormat::Text },
+        bucket_provider::LOG_FILTER,
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => return fail(&format!("starting the async runtime: {err}")),

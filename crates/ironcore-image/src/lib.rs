@@ -203,6 +203,8 @@ pub struct Image {
     pub reference: Reference,
     /// The manifest's digest (`sha256:<hex>`): what the reference resolved to.
     pub digest: String,
+    /// The IronCore image config (`commandLine`), if the manifest names one.
+    pub config: Option<Descriptor>,
     /// The raw disk image.
     pub rootfs: Option<Descriptor>,
     /// A kernel for direct boot.
@@ -278,6 +280,7 @@ impl Client {
         let mut image = Image {
             reference: reference.clone(),
             digest,
+            config: manifest.config.clone(),
             rootfs: None,
             kernel: None,
             initramfs: None,

@@ -24,7 +24,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::{self, File, OpenOptions},
-    io::{self, Read, Write},
+    io::{self, Write},
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{
@@ -33,7 +33,7 @@ use std::{
     },
 };
 
-use ironcore_image::{Client, Descriptor, Image, MEDIA_CONFIG, MEDIA_OCI_MANIFEST, Policy, Reference};
+use ironcore_image::{Client, Descriptor, Image, MEDIA_CONFIG, Policy, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -41,8 +41,6 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_MAX_LAYER_BYTES: u64 = 8 << 30;
 /// An image config is a small JSON document; anything bigger is not one.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
-/// Manifests are small; anything bigger is not one (as in `ironcore-image`).
-const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Prefix of files being written; removed when the cache is opened.
 const PARTIAL_PREFIX: &str = ".partial-";
 
@@ -367,18 +365,9 @@ impl Fetch {
         Ok(())
     }
 
-    /// The image config's `commandLine`, empty if the image has no config or none in it.
-    ///
-    /// `ironcore-image`'s [`Image`] does not carry the config descriptor, so the manifest
-    /// `image.digest` names is read here (and checked against that digest); the config blob
-    /// itself comes through the client, digest-verified.
+    /// The image config's `commandLine`, empty if the image has no config or none in it. The
+    /// config blob comes through the client, digest-verified.
     fn command_line(&self, client: &Client, image: &Image) -> Result<String, ImageError> {
-        let manifest = self.manifest(image).map_err(|e| self.error(e))?;
-        #[derive(Deserialize)]
-        struct Manifest {
-            #[serde(default)]
-            config: Option<Descriptor>,
-        }
         #[derive(Deserialize)]
         struct Config {
             #[serde(rename = "commandLine", default)]
@@ -390,9 +379,7 @@ impl Fetch {
                 shorten(&self.reference)
             ))
         };
-        let manifest: Manifest =
-            serde_json::from_slice(&manifest).map_err(|e| not_ironcore(format!("manifest: {e}")))?;
-        let Some(config) = manifest.config else {
+        let Some(config) = image.config.clone() else {
             return Ok(String::new());
         };
         if config.media_type != MEDIA_CONFIG {
@@ -422,59 +409,6 @@ impl Fetch {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" "))
-    }
-
-    /// The bytes of the manifest `image.digest`, checked against it. Anonymous access, with
-    /// the pull token a `Bearer` challenge asks for, every destination checked by the policy.
-    fn manifest(&self, image: &Image) -> ironcore_image::Result<Vec<u8>> {
-        use ironcore_image::{Error, net};
-        let reference = &image.reference;
-        let host = if reference.registry == "docker.io" {
-            "registry-1.docker.io"
-        } else {
-            reference.registry.as_str()
-        };
-        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        let plain = matches!(name, "localhost" | "127.0.0.1" | "[::1]")
-            || self.settings.insecure_registries.iter().any(|i| i == host);
-        let scheme = if plain { "http" } else { "https" };
-        let url = format!(
-            "{scheme}://{host}/v2/{}/manifests/{}",
-            reference.repository, image.digest
-        );
-        let policy = Policy {
-            trusted_hosts: self.settings.trusted_hosts.clone(),
-        };
-        let agent = net::agent();
-        let accept = [("Accept", MEDIA_OCI_MANIFEST)];
-        let mut response = net::get(&agent, &policy, &url, &accept, None)?;
-        if response.status().as_u16() == 401 {
-            let challenge = response
-                .headers()
-                .get("www-authenticate")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            let token = anonymous_token(&policy, &reference.repository, &challenge)?;
-            let bearer = format!("Bearer {token}");
-            response = net::get(&agent, &policy, &url, &accept, Some(("Authorization", &bearer)))?;
-        }
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(Error::Registry(format!("GET {url}: HTTP {status}")));
-        }
-        let mut bytes = Vec::new();
-        response
-            .into_body()
-            .into_reader()
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::Registry(format!("GET {url}: {e}")))?;
-        let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
-        if digest != image.digest {
-            return Err(Error::Registry(format!("GET {url}: content has digest {digest}")));
-        }
-        Ok(bytes)
     }
 
     fn write_record(&self, record: &Record) -> Result<(), ImageError> {
@@ -579,47 +513,6 @@ impl Fetch {
             Error::Io(m) => ImageError::Transient(format!("fetching image {reference:?}: {m}")),
         }
     }
-}
-
-/// The anonymous pull token of a `Bearer` challenge (the realm is checked like any other
-/// destination).
-fn anonymous_token(policy: &Policy, repository: &str, challenge: &str) -> ironcore_image::Result<String> {
-    use ironcore_image::{Error, net};
-    let params = challenge
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| Error::Registry(format!("unsupported authentication challenge {challenge:?}")))?;
-    let param = |name: &str| {
-        params.split(',').find_map(|p| {
-            let (key, value) = p.trim().split_once('=')?;
-            (key == name).then(|| value.trim_matches('"').to_string())
-        })
-    };
-    let realm = param("realm").ok_or_else(|| Error::Registry("Bearer challenge without realm".into()))?;
-    let mut url = format!("{realm}?scope=repository:{repository}:pull");
-    if let Some(service) = param("service") {
-        url.push_str(&format!("&service={service}"));
-    }
-    let response = net::get(&net::agent(), policy, &url, &[], None)?;
-    if !response.status().is_success() {
-        return Err(Error::Registry(format!(
-            "GET {realm}: HTTP {}",
-            response.status()
-        )));
-    }
-    #[derive(Deserialize)]
-    struct Token {
-        #[serde(default)]
-        token: String,
-        #[serde(default)]
-        access_token: String,
-    }
-    let token: Token = serde_json::from_reader(response.into_body().into_reader().take(1 << 20))
-        .map_err(|e| Error::Registry(format!("GET {realm}: {e}")))?;
-    Ok(if token.token.is_empty() {
-        token.access_token
-    } else {
-        token.token
-    })
 }
 
 /// Removes the records in `dir/refs` not named in `keep` and the blobs no remaining record

@@ -653,18 +653,39 @@ pub async fn wait_gone(pid: i32, timeout: Duration) -> bool {
 }
 
 /// Creates a sparse qcow2 image of `size` bytes at `path` unless it exists (a restart keeps
-/// the disk's data). Written to a temporary name and renamed: a crash never leaves a
-/// half-made image under the real name.
+/// the disk's data); an existing one is only grown.
 pub async fn create_disk(path: &Path, size: i64) -> Result<(), StartError> {
-    if path.exists() {
-        return grow_disk(path, size).await;
+    if !path.exists() {
+        let size = size.to_string();
+        make_image(
+            path,
+            &["create", "-q", "-f", "qcow2", "-o", "preallocation=off"],
+            &[&size],
+        )
+        .await?;
     }
+    grow_disk(path, size).await
+}
+
+/// Makes the qcow2 image `path` from the raw disk image `rootfs` (an OCI image's rootfs
+/// layer), grown to `size` bytes when that is larger; an existing `path` is only grown.
+pub async fn create_disk_from(path: &Path, rootfs: &Path, size: i64) -> Result<(), StartError> {
+    if !path.exists() {
+        let rootfs = rootfs.display().to_string();
+        make_image(path, &["convert", "-q", "-f", "raw", "-O", "qcow2", &rootfs], &[]).await?;
+    }
+    grow_disk(path, size).await
+}
+
+/// Runs `qemu-img <args> <temporary file> <after>` and renames the file to `path` (0600,
+/// fsynced): a crash never leaves a half-made image under the real name.
+async fn make_image(path: &Path, args: &[&str], after: &[&str]) -> Result<(), StartError> {
     let temp = path.with_extension("qcow2.tmp");
     let _ = fs::remove_file(&temp);
     let output = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "preallocation=off"])
+        .args(args)
         .arg(&temp)
-        .arg(size.to_string())
+        .args(after)
         .stdin(Stdio::null())
         .output()
         .await
@@ -672,44 +693,16 @@ pub async fn create_disk(path: &Path, size: i64) -> Result<(), StartError> {
     if !output.status.success() {
         let _ = fs::remove_file(&temp);
         return Err(StartError::Transient(format!(
-            "qemu-img create {}: {}",
+            "qemu-img {} for {}: {}",
+            args[0],
             path.display(),
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
     fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))
+        .and_then(|()| fs::File::open(&temp)?.sync_all())
         .and_then(|()| fs::rename(&temp, path))
         .map_err(|e| StartError::Transient(format!("placing {}: {e}", path.display())))
-}
-
-/// Makes the qcow2 image `path` from the raw disk image `rootfs` (an OCI image's rootfs
-/// layer), grown to `size` bytes when that is larger; an existing `path` is only grown.
-pub async fn create_disk_from(path: &Path, rootfs: &Path, size: i64) -> Result<(), StartError> {
-    if !path.exists() {
-        let temp = path.with_extension("qcow2.tmp");
-        let _ = fs::remove_file(&temp);
-        let output = tokio::process::Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(rootfs)
-            .arg(&temp)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| StartError::Transient(format!("running qemu-img: {e}")))?;
-        if !output.status.success() {
-            let _ = fs::remove_file(&temp);
-            return Err(StartError::Transient(format!(
-                "qemu-img convert {}: {}",
-                rootfs.display(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        fs::set_permissions(&temp, fs::Permissions::from_mode(0o600))
-            .and_then(|()| fs::File::open(&temp)?.sync_all())
-            .and_then(|()| fs::rename(&temp, path))
-            .map_err(|e| StartError::Transient(format!("placing {}: {e}", path.display())))?;
-    }
-    grow_disk(path, size).await
 }
 
 /// The virtual size of qcow2 image `path` (from its header: big-endian u64 at byte 24).

@@ -13,12 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Provider, exec, state, test_guest, wait_for};
+use common::{Provider, boot_volume, exec, report_until, state, test_guest, tiny_config, wait_for};
 use iri_api::{
     machine::v1alpha1::{
         AttachNetworkInterfaceRequest, CreateMachineRequest, DeleteMachineRequest,
-        DetachNetworkInterfaceRequest, ImageSpec, LocalDisk, Machine, MachineSpec, MachineState,
-        NetworkInterface, Power, Volume,
+        DetachNetworkInterfaceRequest, Machine, MachineSpec, MachineState, NetworkInterface, Power,
     },
     meta::v1alpha1::ObjectMetadata,
 };
@@ -88,26 +87,13 @@ async fn bridged_nics_get_taps_on_the_bridge_and_leave_none_behind() {
     };
     let guest = test_guest();
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = format!(
-        r#"
-image_dirs = ["{}"]
-bridges = ["{}"]
-resync_seconds = 2
-[[classes]]
-name = "tiny"
-resources = {{ cpu = 1, memory = 268435456 }}
-[capacity]
-cpu = 2
-memory = 1073741824
-[reserve]
-memory = 0
-[exec]
-address = "127.0.0.1:0"
-[qemu]
-accel = ["tcg"]
-"#,
-        guest.parent().unwrap().display(),
-        bridge.0
+    let config = tiny_config(
+        &format!(
+            "image_dirs = [{:?}]\nbridges = [{:?}]",
+            guest.parent().unwrap().display().to_string(),
+            bridge.0
+        ),
+        2,
     );
     let provider = Provider::start(dir.path(), &config).await;
     let mut client = provider.client().await;
@@ -118,17 +104,7 @@ accel = ["tcg"]
                 spec: Some(MachineSpec {
                     power: Power::On as i32,
                     class: "tiny".into(),
-                    volumes: vec![Volume {
-                        name: "root".into(),
-                        device: "oda".into(),
-                        local_disk: Some(LocalDisk {
-                            size_bytes: 0,
-                            image: Some(ImageSpec {
-                                image: format!("file://{}", guest.display()),
-                            }),
-                        }),
-                        connection: None,
-                    }],
+                    volumes: vec![boot_volume(format!("file://{}", guest.display()), 0)],
                     network_interfaces: vec![nic("eth0", &bridge.0), nic("eth1", "isolated")],
                     ..Default::default()
                 }),
@@ -187,22 +163,7 @@ accel = ["tcg"]
     )
     .await;
     let mac2 = mac_address(&id, "eth2");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut from = end;
-    loop {
-        session.send("iri-report\n").await;
-        let end = session
-            .read_until("IRI-REPORT END", from, Duration::from_secs(30))
-            .await;
-        if session.output[from..end].contains(&mac2) {
-            from = end;
-            break;
-        }
-        from = end;
-        assert!(Instant::now() < deadline, "the guest never saw eth2");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let _ = from;
+    report_until(&mut session, end, |report| report.contains(&mac2)).await;
     session.close().await;
     client
         .detach_network_interface(DetachNetworkInterfaceRequest {

@@ -10,11 +10,10 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::{Provider, exec, state, test_guest, wait_for};
+use common::{Provider, boot_volume, exec, state, test_guest, tiny_config, wait_for};
 use iri_api::{
     machine::v1alpha1::{
-        CreateMachineRequest, DeleteMachineRequest, ImageSpec, LocalDisk, Machine, MachineSpec, MachineState,
-        Power, Volume,
+        CreateMachineRequest, DeleteMachineRequest, Machine, MachineSpec, MachineState, Power,
     },
     meta::v1alpha1::ObjectMetadata,
 };
@@ -25,25 +24,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const MIB: i64 = 1 << 20;
 
 fn config(registry: &str) -> String {
-    format!(
-        r#"
-resync_seconds = 2
-[images]
-trusted_hosts = ["{registry}"]
-[[classes]]
-name = "tiny"
-resources = {{ cpu = 1, memory = 268435456 }}
-[capacity]
-cpu = 2
-memory = 1073741824
-[reserve]
-memory = 0
-[exec]
-address = "127.0.0.1:0"
-[qemu]
-accel = ["tcg"]
-"#
-    )
+    tiny_config(&format!("[images]\ntrusted_hosts = [{registry:?}]"), 2)
 }
 
 fn missing(tool: &str) -> bool {
@@ -58,15 +39,7 @@ fn machine(image: String, size_bytes: i64) -> CreateMachineRequest {
             spec: Some(MachineSpec {
                 power: Power::On as i32,
                 class: "tiny".into(),
-                volumes: vec![Volume {
-                    name: "root".into(),
-                    device: "oda".into(),
-                    local_disk: Some(LocalDisk {
-                        size_bytes,
-                        image: Some(ImageSpec { image }),
-                    }),
-                    connection: None,
-                }],
+                volumes: vec![boot_volume(image, size_bytes)],
                 ..Default::default()
             }),
             status: None,

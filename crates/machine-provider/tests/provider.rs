@@ -12,7 +12,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Provider, exec, get, is_alive, open_exec, qemus_under, sha256_hex, state, test_guest, wait_for,
+    Provider, exec, get, is_alive, open_exec, qemus_under, report_until, sha256_hex, state, test_guest,
+    tiny_config, volume_state, wait_for,
 };
 use iri_api::{
     machine::v1alpha1::{
@@ -30,28 +31,13 @@ const STOPPED: i32 = MachineState::MachineStopped as i32;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn config(guest_root: &std::path::Path, nbd_dir: &std::path::Path) -> String {
-    format!(
-        r#"
-image_dirs = ["{}"]
-nbd_socket_dirs = ["{}"]
-power_off_grace_seconds = 30
-resync_seconds = 2
-[[classes]]
-name = "tiny"
-resources = {{ cpu = 1, memory = 268435456 }}
-[capacity]
-cpu = 4
-memory = 1073741824
-[reserve]
-memory = 0
-[exec]
-address = "127.0.0.1:0"
-[qemu]
-# /dev/kvm may exist without working (nested virtualization): TCG is what CI has.
-accel = ["tcg"]
-"#,
-        guest_root.display(),
-        nbd_dir.display()
+    tiny_config(
+        &format!(
+            "image_dirs = [{:?}]\nnbd_socket_dirs = [{:?}]\npower_off_grace_seconds = 30",
+            guest_root.display().to_string(),
+            nbd_dir.display().to_string()
+        ),
+        4,
     )
 }
 
@@ -85,17 +71,6 @@ async fn nbd_server(dir: &std::path::Path, size: i64) -> std::process::Child {
     child
 }
 
-/// The state of volume `name` in the machine's status, if listed.
-fn volume_state(machine: Option<&Machine>, name: &str) -> Option<i32> {
-    machine?
-        .status
-        .as_ref()?
-        .volumes
-        .iter()
-        .find(|v| v.name == name)
-        .map(|v| v.state)
-}
-
 /// The MAC of NIC `name` from its ATTACHED status (handle `isolated/<mac>`), if attached.
 fn nic_handle(machine: Option<&Machine>, name: &str) -> Option<String> {
     machine?
@@ -106,35 +81,6 @@ fn nic_handle(machine: Option<&Machine>, name: &str) -> Option<String> {
         .find(|n| n.name == name && n.state == 1)
         .and_then(|n| n.handle.strip_prefix("isolated/"))
         .map(str::to_string)
-}
-
-/// Runs iri-report in the guest until a report satisfies `done` (hot-plug takes the guest a
-/// moment); returns the output position after it.
-async fn report_until(
-    session: &mut common::ExecSession,
-    mut from: usize,
-    done: impl Fn(&str) -> bool,
-) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        session.send("iri-report\n").await;
-        let begin = session
-            .read_until("IRI-REPORT BEGIN", from, Duration::from_secs(30))
-            .await;
-        let end = session
-            .read_until("IRI-REPORT END", begin, Duration::from_secs(30))
-            .await;
-        let report = session.output[begin..end].to_string();
-        from = end;
-        if done(&report) {
-            return end;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never reported what was expected:\n{report}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 async fn quantity(provider: &Provider) -> i64 {

@@ -13,12 +13,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Provider, exec, get, state, test_guest, wait_for};
+use common::{
+    Provider, boot_volume, exec, get, report_until, state, test_guest, tiny_config, volume_state, wait_for,
+};
 use iri_api::{
     Endpoint,
     machine::v1alpha1::{
-        AttachVolumeRequest, CreateMachineRequest, DeleteMachineRequest, DetachVolumeRequest, ImageSpec,
-        ListEventsRequest, LocalDisk, Machine, MachineSpec, MachineState, Power, UpdateVolumeRequest, Volume,
+        AttachVolumeRequest, CreateMachineRequest, DeleteMachineRequest, DetachVolumeRequest,
+        ListEventsRequest, Machine, MachineSpec, MachineState, Power, UpdateVolumeRequest, Volume,
         VolumeConnection,
     },
     meta::v1alpha1::ObjectMetadata,
@@ -36,26 +38,13 @@ const RUNNING: i32 = MachineState::MachineRunning as i32;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn machine_config(guest_root: &std::path::Path, nbd_dir: &std::path::Path) -> String {
-    format!(
-        r#"
-image_dirs = ["{}"]
-nbd_socket_dirs = ["{}"]
-resync_seconds = 2
-[[classes]]
-name = "tiny"
-resources = {{ cpu = 1, memory = 268435456 }}
-[capacity]
-cpu = 2
-memory = 1073741824
-[reserve]
-memory = 0
-[exec]
-address = "127.0.0.1:0"
-[qemu]
-accel = ["tcg"]
-"#,
-        guest_root.display(),
-        nbd_dir.display()
+    tiny_config(
+        &format!(
+            "image_dirs = [{:?}]\nnbd_socket_dirs = [{:?}]",
+            guest_root.display().to_string(),
+            nbd_dir.display().to_string()
+        ),
+        2,
     )
 }
 
@@ -86,46 +75,6 @@ async fn volume_until(
         }
         assert!(Instant::now() < deadline, "volume {id} never became {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The state of volume `name` in the machine's status, if listed.
-fn volume_state(machine: Option<&Machine>, name: &str) -> Option<i32> {
-    machine?
-        .status
-        .as_ref()?
-        .volumes
-        .iter()
-        .find(|v| v.name == name)
-        .map(|v| v.state)
-}
-
-/// Runs iri-report in the guest until a report satisfies `done`; returns the output position
-/// after it.
-async fn report_until(
-    session: &mut common::ExecSession,
-    mut from: usize,
-    done: impl Fn(&str) -> bool,
-) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        session.send("iri-report\n").await;
-        let begin = session
-            .read_until("IRI-REPORT BEGIN", from, Duration::from_secs(30))
-            .await;
-        let end = session
-            .read_until("IRI-REPORT END", begin, Duration::from_secs(30))
-            .await;
-        let report = session.output[begin..end].to_string();
-        from = end;
-        if done(&report) {
-            return end;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never reported what was expected:\n{report}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -209,17 +158,7 @@ async fn a_volume_provider_volume_is_plugged_grown_online_and_detached() {
                 spec: Some(MachineSpec {
                     power: Power::On as i32,
                     class: "tiny".into(),
-                    volumes: vec![Volume {
-                        name: "root".into(),
-                        device: "oda".into(),
-                        local_disk: Some(LocalDisk {
-                            size_bytes: 0,
-                            image: Some(ImageSpec {
-                                image: format!("file://{}", guest.display()),
-                            }),
-                        }),
-                        connection: None,
-                    }],
+                    volumes: vec![boot_volume(format!("file://{}", guest.display()), 0)],
                     ..Default::default()
                 }),
                 status: None,

@@ -16,8 +16,8 @@ use futures::{SinkExt, StreamExt};
 use iri_api::{
     Endpoint,
     machine::v1alpha1::{
-        ExecRequest, ListMachinesRequest, Machine, MachineFilter, VersionRequest,
-        machine_runtime_client::MachineRuntimeClient,
+        ExecRequest, ImageSpec, ListMachinesRequest, LocalDisk, Machine, MachineFilter, VersionRequest,
+        Volume, machine_runtime_client::MachineRuntimeClient,
     },
 };
 use nix::{sys::signal::Signal, unistd::Pid};
@@ -41,6 +41,79 @@ pub fn test_guest() -> PathBuf {
     let dir = dir.canonicalize().expect("test guest directory");
     *built = Some(dir.clone());
     dir
+}
+
+/// A provider configuration with one class, `tiny` (1 cpu, 256 MiB), a host of `cpus` cpus
+/// and 1 GiB, QEMU on TCG and Exec on a free port; `top` (top-level settings, or a table)
+/// comes after the first setting.
+pub fn tiny_config(top: &str, cpus: i64) -> String {
+    format!(
+        r#"resync_seconds = 2
+{top}
+[[classes]]
+name = "tiny"
+resources = {{ cpu = 1, memory = 268435456 }}
+[capacity]
+cpu = {cpus}
+memory = 1073741824
+[reserve]
+memory = 0
+[exec]
+address = "127.0.0.1:0"
+[qemu]
+# /dev/kvm may exist without working (nested virtualization): TCG is what CI has.
+accel = ["tcg"]
+"#
+    )
+}
+
+/// The boot volume `root` (device `oda`) with `image`, of `size_bytes` (0: the image only).
+pub fn boot_volume(image: String, size_bytes: i64) -> Volume {
+    Volume {
+        name: "root".into(),
+        device: "oda".into(),
+        local_disk: Some(LocalDisk {
+            size_bytes,
+            image: Some(ImageSpec { image }),
+        }),
+        connection: None,
+    }
+}
+
+/// The state of volume `name` in the machine's status, if listed.
+pub fn volume_state(machine: Option<&Machine>, name: &str) -> Option<i32> {
+    machine?
+        .status
+        .as_ref()?
+        .volumes
+        .iter()
+        .find(|v| v.name == name)
+        .map(|v| v.state)
+}
+
+/// Runs iri-report in the guest until a report satisfies `done` (hot-plug takes the guest a
+/// moment); returns the output position after it.
+pub async fn report_until(session: &mut ExecSession, mut from: usize, done: impl Fn(&str) -> bool) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        session.send("iri-report\n").await;
+        let begin = session
+            .read_until("IRI-REPORT BEGIN", from, Duration::from_secs(30))
+            .await;
+        let end = session
+            .read_until("IRI-REPORT END", begin, Duration::from_secs(30))
+            .await;
+        let report = session.output[begin..end].to_string();
+        from = end;
+        if done(&report) {
+            return end;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never reported what was expected:\n{report}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A provider process on `dir`.

@@ -3,7 +3,7 @@
 //! and `<!-- /walkthrough -->` in one bash (`set -euo pipefail`), as a newcomer types them into
 //! one shell, against a fresh `iri up` (the built binary) whose data directory is `IRI_DATA`.
 //! Each block's output must show what the README promises: the guest's console marker and
-//! its view of the volume, a ready snapshot, a clone holding the data the guest wrote, an S3
+//! its view of the volume it booted from (made from the disk image, UEFI), a ready snapshot, a clone holding the data the guest wrote, an S3
 //! object read back.
 
 mod support;
@@ -30,6 +30,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
         &[
             "IRI-TEST-GUEST READY",
             "IRI-REPORT hostname demo",
+            "IRI-REPORT firmware uefi",
             "IRI-REPORT disk vda 1073741824 ",
         ],
     ),

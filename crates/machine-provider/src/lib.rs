@@ -82,6 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     create_private_dir(&data_dir.join(MACHINES_DIR))?;
     let mut config = config;
     config.server.data_dir = data_dir.clone();
+    config.qemu.accel = qemu::usable_accel(&config.qemu, &data_dir).await;
     let config = Arc::new(config);
 
     // The store is locked exclusively: a second provider on the same data directory stops

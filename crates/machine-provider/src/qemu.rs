@@ -599,6 +599,64 @@ pub async fn start(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) -
     })
 }
 
+/// The accelerators of `settings` that work here: `kvm` is tried first with a QEMU that
+/// insists on its default CPU model's features (`-cpu qemu64,enforce`), and dropped when that
+/// QEMU refuses to start. A `/dev/kvm` of broken nested virtualization opens fine, but guests
+/// hang on it; it lacks basic features such as SSE3, which is how it is told apart. Only
+/// dropped when another accelerator is left to fall back to.
+pub async fn usable_accel(settings: &QemuSettings, scratch: &Path) -> Vec<String> {
+    let accel = settings.accel.clone();
+    if accel.len() < 2 || !accel.iter().any(|a| a == "kvm") {
+        return accel;
+    }
+    let pid_file = scratch.join("kvm-probe.pid");
+    let _ = fs::remove_file(&pid_file);
+    let probe = tokio::process::Command::new(&settings.binary)
+        .args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "qemu64,enforce",
+            "-machine",
+            &settings.machine,
+        ])
+        .args([
+            "-m",
+            "16",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-S",
+            "-daemonize",
+        ])
+        .arg("-pidfile")
+        .arg(&pid_file)
+        .stdin(Stdio::null())
+        .output();
+    let output = match tokio::time::timeout(Duration::from_secs(20), probe).await {
+        Ok(Ok(output)) => output,
+        // No QEMU, or no answer: starting machines will say what is wrong.
+        _ => return accel,
+    };
+    if let Some(pid) = fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = fs::remove_file(&pid_file);
+    if output.status.success() {
+        return accel;
+    }
+    let reason = String::from_utf8_lossy(&output.stderr);
+    tracing::warn!(
+        reason = %reason.trim(),
+        "KVM is not usable here (QEMU refuses its CPU model on it): machines run without it"
+    );
+    accel.into_iter().filter(|a| a != "kvm").collect()
+}
+
 /// Connects to the machine's QMP socket.
 pub async fn connect(dir: &MachineDir) -> Result<Qmp, String> {
     let socket = dir.qmp_socket();

@@ -993,6 +993,28 @@ mod tests {
         assert_eq!(resident_bytes(-1), None);
     }
 
+    #[tokio::test]
+    async fn kvm_is_dropped_only_when_the_probe_qemu_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |binary: &str, accel: &[&str]| QemuSettings {
+            binary: binary.into(),
+            accel: accel.iter().map(|a| a.to_string()).collect(),
+            ..QemuSettings::default()
+        };
+        // `false` stands for a QEMU that refuses to start on KVM, `true` for one that starts.
+        assert_eq!(
+            usable_accel(&with("false", &["kvm", "tcg"]), dir.path()).await,
+            ["tcg"]
+        );
+        assert_eq!(
+            usable_accel(&with("true", &["kvm", "tcg"]), dir.path()).await,
+            ["kvm", "tcg"]
+        );
+        // Nothing to fall back to, or no kvm: left as configured (and not probed).
+        assert_eq!(usable_accel(&with("false", &["kvm"]), dir.path()).await, ["kvm"]);
+        assert_eq!(usable_accel(&with("false", &["tcg"]), dir.path()).await, ["tcg"]);
+    }
+
     #[test]
     fn macs_are_stable_local_and_unicast() {
         let mac = mac_address("machine", "eth0");

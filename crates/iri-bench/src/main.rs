@@ -4,7 +4,7 @@
 //! stdout, progress on stderr, and optionally writes JSON.
 
 use clap::{Parser, Subcommand};
-use iri_bench::{machine, volume};
+use iri_bench::{bucket, machine, volume};
 
 #[derive(Debug, Parser)]
 #[command(name = "iri-bench", version, about = "Benchmarks of the IRI providers")]
@@ -21,6 +21,10 @@ enum Command {
     /// The machine provider: CreateMachine to the guest's console marker against a bare QEMU
     /// boot, CreateMachine to RUNNING, machines started per minute, and memory with 50 machines.
     Machine(machine::MachineArgs),
+    /// The bucket provider: PUT and GET of 4 KiB, 64 KiB and 4 MiB objects at concurrency 1 and
+    /// 16 through its S3 server against the same writes (write, fsync, rename) and reads on the
+    /// filesystem directly.
+    Bucket(bucket::BucketArgs),
 }
 
 #[tokio::main]
@@ -36,6 +40,11 @@ async fn main() -> std::process::ExitCode {
             // Dropping the benchmark's future stops the provider, kills its QEMUs and removes
             // the directory.
             report = machine::run(args) => report.map(|r| r.render()),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        },
+        Command::Bucket(args) => tokio::select! {
+            // Dropping the benchmark's future stops the provider and removes the directory.
+            report = bucket::run(args) => report.map(|r| r.render()),
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         },
     };

@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The `iri-bucket-provider` under test: a black box started as a binary on a fresh data
+//! directory, with a configuration written by the benchmark (one class without limits, S3 on a
+//! free loopback port), driven over its IRI socket as a bucketpoollet would: CreateBucket, poll
+//! until AVAILABLE, take the access from the status.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use iri_api::{
+    Endpoint,
+    bucket::v1alpha1::{
+        Bucket, BucketFilter, BucketSpec, BucketState, CreateBucketRequest, ListBucketsRequest,
+        VersionRequest, bucket_runtime_client::BucketRuntimeClient,
+    },
+    endpoint::clients,
+    meta::v1alpha1::ObjectMetadata,
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tonic::transport::Channel;
+
+use super::s3::Access;
+
+/// A BucketRuntime client.
+pub type Client = BucketRuntimeClient<Channel>;
+
+/// The one bucket class the benchmark configures: `tps = 0, iops = 0` (unlimited). The default
+/// classes would throttle the benchmark (`standard` admits 500 data requests per second, and
+/// the S3 server answers `SlowDown` beyond), which would measure the class, not the server.
+pub const CLASS: &str = "bench";
+
+/// Label on the bucket the benchmark creates.
+pub const LABEL: &str = "iri-bench";
+
+/// How long the provider may take to serve.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the bucket may take to become AVAILABLE.
+const CONVERGE: Duration = Duration::from_secs(60);
+/// How long the provider may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running provider. Dropping it stops the provider.
+pub struct Provider {
+    child: Option<Child>,
+    /// The provider's data directory.
+    pub data_dir: PathBuf,
+    /// The IRI socket.
+    pub socket: PathBuf,
+    /// The provider's log (stderr).
+    pub log: PathBuf,
+}
+
+/// Where to find the provider binary: `explicit`, else `$IRI_BUCKET_PROVIDER_BIN`, else next to
+/// this executable (`target/<profile>/`), else `target/release/` and `target/debug/` under the
+/// current directory, else `iri-bucket-provider` on the PATH.
+pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    const NAME: &str = "iri-bucket-provider";
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            bail!("--provider-bin {}: no such file", path.display());
+        }
+        return Ok(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("IRI_BUCKET_PROVIDER_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(NAME));
+        // Test executables live in target/<profile>/deps.
+        if let Some(parent) = dir.parent() {
+            candidates.push(parent.join(NAME));
+        }
+    }
+    candidates.push(PathBuf::from("target/release").join(NAME));
+    candidates.push(PathBuf::from("target/debug").join(NAME));
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Ok(std::path::absolute(&found).unwrap_or(found));
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(NAME))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.is_file());
+    on_path.with_context(|| {
+        format!(
+            "{NAME} not found: build it (cargo build --release -p bucket-provider) or pass --provider-bin"
+        )
+    })
+}
+
+impl Provider {
+    /// Starts `binary` on `root/provider` (a new directory), serving IRI on `root/bucket.sock`
+    /// and S3 on a port the kernel picks (the bucket's endpoint names it), and waits until it
+    /// answers Version. Its log goes to `root/provider.log`.
+    pub async fn start(binary: &Path, root: &Path) -> Result<(Provider, Client)> {
+        let data_dir = root.join("provider");
+        let config = root.join("provider.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[classes]]\nname = \"{CLASS}\"\ntps = 0\niops = 0\n\n[s3]\naddress = \"127.0.0.1:0\"\n"
+            ),
+        )
+        .context("writing the provider config")?;
+        let mut provider = Provider {
+            child: None,
+            data_dir,
+            socket: root.join("bucket.sock"),
+            log: root.join("provider.log"),
+        };
+        let log = File::create(&provider.log).context("creating the provider log")?;
+        let child = Command::new(binary)
+            .arg("--data-dir")
+            .arg(&provider.data_dir)
+            .arg("--address")
+            .arg(&provider.socket)
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        provider.child = Some(child);
+        let client = provider.connect().await?;
+        Ok((provider, client))
+    }
+
+    async fn connect(&mut self) -> Result<Client> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("the provider exited with {status}:\n{}", self.log_tail());
+            }
+            if let Ok(channel) = Endpoint::Unix(self.socket.clone())
+                .connect(Duration::from_secs(2))
+                .await
+            {
+                let mut client = clients::bucket(channel);
+                if client.version(VersionRequest::default()).await.is_ok() {
+                    return Ok(client);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the provider does not serve after {START_TIMEOUT:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of the provider's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Stops the provider (SIGTERM, SIGKILL after a timeout). Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// CreateBucket in the benchmark's class, polls until AVAILABLE, and returns its id and access.
+pub async fn create_bucket(client: &mut Client) -> Result<(String, Access)> {
+    let created = client
+        .create_bucket(CreateBucketRequest {
+            bucket: Some(Bucket {
+                metadata: Some(ObjectMetadata {
+                    labels: BTreeMap::from([(LABEL.to_string(), "bucket".to_string())]),
+                    ..Default::default()
+                }),
+                spec: Some(BucketSpec {
+                    class: CLASS.to_string(),
+                }),
+                status: None,
+            }),
+        })
+        .await
+        .context("CreateBucket")?
+        .into_inner()
+        .bucket
+        .ok_or_else(|| anyhow!("CreateBucket answered without a bucket"))?;
+    let id = created.metadata.map(|m| m.id).unwrap_or_default();
+    if id.is_empty() {
+        bail!("CreateBucket answered a bucket without an id");
+    }
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let bucket = client
+            .list_buckets(ListBucketsRequest {
+                filter: Some(BucketFilter {
+                    id: id.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .context("ListBuckets")?
+            .into_inner()
+            .buckets
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("bucket {id} disappeared"))?;
+        let status = bucket.status.unwrap_or_default();
+        if status.state == BucketState::BucketAvailable as i32 {
+            let access = status
+                .access
+                .ok_or_else(|| anyhow!("bucket {id} is AVAILABLE without an access"))?;
+            let secret = |name: &str| {
+                access
+                    .secret_data
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| anyhow!("bucket {id}: access.secret_data has no {name}"))
+            };
+            let access = Access {
+                endpoint: access.endpoint.clone(),
+                access_key_id: secret("AWS_ACCESS_KEY_ID")?,
+                secret_access_key: secret("AWS_SECRET_ACCESS_KEY")?,
+                bucket: secret("BUCKET_NAME")?,
+                region: secret("BUCKET_REGION")?,
+            };
+            return Ok((id, access));
+        }
+        if status.state == BucketState::BucketError as i32 {
+            bail!("bucket {id} went to BUCKET_ERROR");
+        }
+        if Instant::now() > deadline {
+            bail!("bucket {id} not AVAILABLE after {CONVERGE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -188,11 +188,9 @@ impl BucketRuntime {
             .buckets
             .remove(id)
             .ok_or_else(|| Error::not_found("bucket", id))?;
-        let mut metadata = record.bucket.metadata.unwrap_or_default();
-        metadata.deleted_at = iri_runtime::id::now_nanos();
         state
             .events
-            .record(&metadata, "Deleted", "Delete", "Deleted bucket".to_string());
+            .record_deleted(record.bucket.metadata, "Deleted bucket");
         Ok(())
     }
 }
@@ -213,10 +211,8 @@ impl State {
                     secret_data: record.secret_data.clone(),
                 }),
             });
-            self.events.record(
+            self.events.record_state_change(
                 record.bucket.metadata.as_ref().unwrap_or(&Default::default()),
-                "StateChanged",
-                "Reconcile",
                 "Bucket is BUCKET_AVAILABLE".into(),
             );
         }

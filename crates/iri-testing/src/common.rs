@@ -134,6 +134,19 @@ impl EventLog {
         });
     }
 
+    /// Records the `Deleted` event of an object just removed from the runtime, with its last
+    /// `metadata` stamped with `deleted_at` (now).
+    pub(crate) fn record_deleted(&mut self, metadata: Option<ObjectMetadata>, message: &str) {
+        let mut metadata = metadata.unwrap_or_default();
+        metadata.deleted_at = id::now_nanos();
+        self.record(&metadata, "Deleted", "Delete", message.to_string());
+    }
+
+    /// Records the `StateChanged` event of the simulated backend moving an object to a new state.
+    pub(crate) fn record_state_change(&mut self, metadata: &ObjectMetadata, message: String) {
+        self.record(metadata, "StateChanged", "Reconcile", message);
+    }
+
     /// The events passing `filter` (absent filter: all), oldest first.
     pub(crate) fn list(&self, filter: Option<EventFilter>) -> Vec<Event> {
         let filter = filter.unwrap_or_default();

@@ -321,11 +321,9 @@ impl MachineRuntime {
             .remove(id)
             .ok_or_else(|| Error::not_found("machine", id))?;
         state.exec_sessions.retain(|_, s| s.machine_id != id);
-        let mut metadata = record.machine.metadata.unwrap_or_default();
-        metadata.deleted_at = iri_runtime::id::now_nanos();
         state
             .events
-            .record(&metadata, "Deleted", "Delete", "Deleted machine".to_string());
+            .record_deleted(record.machine.metadata, "Deleted machine");
         Ok(())
     }
 
@@ -618,12 +616,7 @@ fn apply(machine: &mut Machine, off_state: MachineState, events: &mut EventLog) 
         .collect();
     if status.state != state as i32 {
         status.state = state as i32;
-        events.record(
-            &metadata,
-            "StateChanged",
-            "Reconcile",
-            format!("Machine is {}", state.as_str_name()),
-        );
+        events.record_state_change(&metadata, format!("Machine is {}", state.as_str_name()));
     }
 }
 

@@ -341,12 +341,10 @@ impl VolumeRuntime {
             .volumes
             .remove(id)
             .ok_or_else(|| Error::not_found("volume", id))?;
-        let mut metadata = record.volume.metadata.unwrap_or_default();
-        metadata.deleted_at = iri_runtime::id::now_nanos();
         // Snapshots of the volume stay: they are independent objects (and can seed new volumes).
         state
             .events
-            .record(&metadata, "Deleted", "Delete", "Deleted volume".to_string());
+            .record_deleted(record.volume.metadata, "Deleted volume");
         Ok(())
     }
 
@@ -395,14 +393,9 @@ impl VolumeRuntime {
             .snapshots
             .remove(id)
             .ok_or_else(|| Error::not_found("volume snapshot", id))?;
-        let mut metadata = record.snapshot.metadata.unwrap_or_default();
-        metadata.deleted_at = iri_runtime::id::now_nanos();
-        state.events.record(
-            &metadata,
-            "Deleted",
-            "Delete",
-            "Deleted volume snapshot".to_string(),
-        );
+        state
+            .events
+            .record_deleted(record.snapshot.metadata, "Deleted volume snapshot");
         Ok(())
     }
 
@@ -489,12 +482,8 @@ impl State {
             });
             if status.state != VolumeState::VolumeAvailable as i32 {
                 status.state = VolumeState::VolumeAvailable as i32;
-                self.events.record(
-                    &metadata,
-                    "StateChanged",
-                    "Reconcile",
-                    "Volume is VOLUME_AVAILABLE".into(),
-                );
+                self.events
+                    .record_state_change(&metadata, "Volume is VOLUME_AVAILABLE".into());
             }
         }
         for record in self.snapshots.values_mut() {
@@ -507,10 +496,8 @@ impl State {
                 state: VolumeSnapshotState::VolumeSnapshotReady as i32,
                 size: record.size,
             });
-            self.events.record(
+            self.events.record_state_change(
                 snapshot.metadata.as_ref().unwrap_or(&Default::default()),
-                "StateChanged",
-                "Reconcile",
                 "Volume snapshot is VOLUME_SNAPSHOT_READY".into(),
             );
         }

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use iri_api::{
     RuntimeKind,
     bucket::v1alpha1::{
@@ -16,10 +16,10 @@ use iri_api::{
 
 use crate::{
     cli::{BucketCommand, BucketCreate, BucketDelete, BucketGet},
-    common::{EventColumns, VersionColumns, version_response},
+    common::{VersionColumns, print_events, version_response},
     input::Input,
     render::{Columns, Object, enum_name, format_map, headers, or_none},
-    session::{Session, event_window, selector},
+    session::{Session, event_window, list_filter, selector},
     units::age,
 };
 
@@ -94,10 +94,7 @@ pub async fn run(session: &Session, command: BucketCommand, out: &mut dyn Write)
     let printer = session.printer();
     match command {
         BucketCommand::Get(BucketGet::Bucket(args)) => {
-            let filter = (args.id.is_some() || !args.labels.is_empty()).then(|| BucketFilter {
-                id: args.id.clone().unwrap_or_default(),
-                label_selector: selector(&args.labels),
-            });
+            let filter = list_filter(&args, |id, label_selector| BucketFilter { id, label_selector });
             let request = session.request(ListBucketsRequest { filter });
             let buckets = session
                 .call("ListBuckets", client.list_buckets(request))
@@ -126,10 +123,7 @@ pub async fn run(session: &Session, command: BucketCommand, out: &mut dyn Write)
                 .call("ListEvents", client.list_events(request))
                 .await?
                 .events;
-            let columns = EventColumns {
-                kind: RuntimeKind::Bucket,
-            };
-            printer.list(out, &events, &columns)
+            print_events(&printer, out, RuntimeKind::Bucket, &events)
         }
         BucketCommand::Get(BucketGet::Version) => {
             let request = session.request(VersionRequest::default());
@@ -137,34 +131,25 @@ pub async fn run(session: &Session, command: BucketCommand, out: &mut dyn Write)
             printer.one(out, &version, &VersionColumns)
         }
         BucketCommand::Create(BucketCreate::Bucket(file)) => {
-            let mut bucket: Bucket = Input::read(&file.file)?.decode()?;
-            // Every runtime needs metadata (for labels and annotations); an empty one is enough.
-            bucket.metadata.get_or_insert_default();
+            let bucket = Input::read(&file.file)?.decode_new(|b: &mut Bucket| &mut b.metadata)?;
             let request = session.request(CreateBucketRequest { bucket: Some(bucket) });
             let response = session
                 .call("CreateBucket", client.create_bucket(request))
                 .await?;
-            let Some(created) = response.bucket else {
-                bail!("CreateBucket: the runtime returned no bucket");
-            };
-            session.print_created(out, "bucket", &created, &BucketColumns)
+            session.print_created_response(out, "CreateBucket", "bucket", response.bucket, &BucketColumns)
         }
         BucketCommand::Delete(BucketDelete::Bucket(args)) => {
             session
                 .for_each_tolerating_not_found(
                     out,
                     &args.ids,
-                    |id| format!("Bucket {id}"),
+                    "Bucket",
                     "deleted",
+                    "DeleteBucket",
                     |bucket_id| {
                         let mut client = client.clone();
                         let request = session.request(DeleteBucketRequest { bucket_id });
-                        async move {
-                            session
-                                .call("DeleteBucket", client.delete_bucket(request))
-                                .await
-                                .map(drop)
-                        }
+                        async move { client.delete_bucket(request).await }
                     },
                 )
                 .await

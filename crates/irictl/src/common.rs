@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Tables shared by all three runtimes: events and version.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, io::Write};
 
+use anyhow::Result;
 use iri_api::{RuntimeKind, event::v1alpha1::Event};
 
 use crate::{
-    render::{Columns, Object, headers},
+    render::{Columns, Object, Printer, headers},
     units::age,
 };
 
@@ -84,6 +85,16 @@ impl Columns<Event> for EventColumns {
         }
         row
     }
+}
+
+/// Prints the events a runtime of `kind` returned from `ListEvents` as its event table.
+pub fn print_events(
+    printer: &Printer,
+    out: &mut dyn Write,
+    kind: RuntimeKind,
+    events: &[Event],
+) -> Result<()> {
+    printer.list(out, events, &EventColumns { kind })
 }
 
 /// A runtime's `VersionResponse` (one per package).

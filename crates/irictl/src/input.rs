@@ -15,6 +15,7 @@
 use std::{collections::BTreeMap, io::Read};
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use iri_api::meta::v1alpha1::ObjectMetadata;
 use prost::Message as _;
 use prost_reflect::{
     DeserializeOptions, DynamicMessage, EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor,
@@ -75,6 +76,18 @@ impl Input {
             .map_err(|e| anyhow!("{name}: invalid value for field {}: {e}", track.path()))?;
         T::decode(message.encode_to_vec().as_slice())
             .with_context(|| format!("{name}: cannot transcode {}", T::MESSAGE))
+    }
+
+    /// Decodes the input as a new `T` to create, inserting an empty `metadata` (the field that
+    /// `metadata` picks) when the document has none: every runtime needs metadata (for labels and
+    /// annotations), and an empty one is enough.
+    pub fn decode_new<T: Object>(
+        &self,
+        metadata: impl FnOnce(&mut T) -> &mut Option<ObjectMetadata>,
+    ) -> Result<T> {
+        let mut object = self.decode()?;
+        metadata(&mut object).get_or_insert_default();
+        Ok(object)
     }
 
     /// Decodes the input as a flat map of strings (annotations); scalar values are stringified.

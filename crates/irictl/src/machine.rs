@@ -20,10 +20,10 @@ use crate::{
     cli::{
         MachineAttach, MachineCommand, MachineCreate, MachineDelete, MachineDetach, MachineGet, MachineUpdate,
     },
-    common::{EventColumns, VersionColumns, version_response},
+    common::{VersionColumns, print_events, version_response},
     input::Input,
     render::{Columns, Object, enum_name, format_list, format_map, headers},
-    session::{Session, event_window, selector},
+    session::{Session, event_window, list_filter, selector},
     units::{age, format_bytes},
 };
 
@@ -137,10 +137,7 @@ pub async fn run(session: &Session, command: MachineCommand, out: &mut dyn Write
     let printer = session.printer();
     match command {
         MachineCommand::Get(MachineGet::Machine(args)) => {
-            let filter = (args.id.is_some() || !args.labels.is_empty()).then(|| MachineFilter {
-                id: args.id.clone().unwrap_or_default(),
-                label_selector: selector(&args.labels),
-            });
+            let filter = list_filter(&args, |id, label_selector| MachineFilter { id, label_selector });
             let request = session.request(ListMachinesRequest { filter });
             let machines = session
                 .call("ListMachines", client.list_machines(request))
@@ -167,10 +164,7 @@ pub async fn run(session: &Session, command: MachineCommand, out: &mut dyn Write
                 .call("ListEvents", client.list_events(request))
                 .await?
                 .events;
-            let columns = EventColumns {
-                kind: RuntimeKind::Machine,
-            };
-            printer.list(out, &events, &columns)
+            print_events(&printer, out, RuntimeKind::Machine, &events)
         }
         MachineCommand::Get(MachineGet::Version) => {
             let request = session.request(VersionRequest::default());
@@ -178,36 +172,27 @@ pub async fn run(session: &Session, command: MachineCommand, out: &mut dyn Write
             printer.one(out, &version, &VersionColumns)
         }
         MachineCommand::Create(MachineCreate::Machine(file)) => {
-            let mut machine: Machine = Input::read(&file.file)?.decode()?;
-            // Every runtime needs metadata (for labels and annotations); an empty one is enough.
-            machine.metadata.get_or_insert_default();
+            let machine = Input::read(&file.file)?.decode_new(|m: &mut Machine| &mut m.metadata)?;
             let request = session.request(CreateMachineRequest {
                 machine: Some(machine),
             });
             let response = session
                 .call("CreateMachine", client.create_machine(request))
                 .await?;
-            let Some(created) = response.machine else {
-                bail!("CreateMachine: the runtime returned no machine");
-            };
-            session.print_created(out, "machine", &created, &MachineColumns)
+            session.print_created_response(out, "CreateMachine", "machine", response.machine, &MachineColumns)
         }
         MachineCommand::Delete(MachineDelete::Machine(args)) => {
             session
                 .for_each_tolerating_not_found(
                     out,
                     &args.ids,
-                    |id| format!("Machine {id}"),
+                    "Machine",
                     "deleted",
+                    "DeleteMachine",
                     |machine_id| {
                         let mut client = client.clone();
                         let request = session.request(DeleteMachineRequest { machine_id });
-                        async move {
-                            session
-                                .call("DeleteMachine", client.delete_machine(request))
-                                .await
-                                .map(drop)
-                        }
+                        async move { client.delete_machine(request).await }
                     },
                 )
                 .await
@@ -288,23 +273,12 @@ pub async fn run(session: &Session, command: MachineCommand, out: &mut dyn Write
         }
         MachineCommand::Detach(MachineDetach::Volume { machine, names }) => {
             session
-                .for_each_tolerating_not_found(
-                    out,
-                    &names,
-                    |name| format!("Volume {name}"),
-                    "detached",
-                    |name| {
-                        let mut client = client.clone();
-                        let machine_id = machine.machine_id.clone();
-                        let request = session.request(DetachVolumeRequest { machine_id, name });
-                        async move {
-                            session
-                                .call("DetachVolume", client.detach_volume(request))
-                                .await
-                                .map(drop)
-                        }
-                    },
-                )
+                .for_each_tolerating_not_found(out, &names, "Volume", "detached", "DetachVolume", |name| {
+                    let mut client = client.clone();
+                    let machine_id = machine.machine_id.clone();
+                    let request = session.request(DetachVolumeRequest { machine_id, name });
+                    async move { client.detach_volume(request).await }
+                })
                 .await
         }
         MachineCommand::Detach(MachineDetach::Networkinterface { machine, names }) => {
@@ -312,18 +286,14 @@ pub async fn run(session: &Session, command: MachineCommand, out: &mut dyn Write
                 .for_each_tolerating_not_found(
                     out,
                     &names,
-                    |name| format!("Network interface {name}"),
+                    "Network interface",
                     "detached",
+                    "DetachNetworkInterface",
                     |name| {
                         let mut client = client.clone();
                         let machine_id = machine.machine_id.clone();
                         let request = session.request(DetachNetworkInterfaceRequest { machine_id, name });
-                        async move {
-                            session
-                                .call("DetachNetworkInterface", client.detach_network_interface(request))
-                                .await
-                                .map(drop)
-                        }
+                        async move { client.detach_network_interface(request).await }
                     },
                 )
                 .await

@@ -2,14 +2,14 @@
 //! What every command shares: connecting to a runtime, calling it with a deadline, reporting
 //! errors in one line, and printing.
 
-use std::{fmt, future::Future, io::Write, time::Duration};
+use std::{collections::BTreeMap, fmt, future::Future, io::Write, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use iri_api::{Endpoint, RuntimeKind};
 use tonic::{Code, Status, transport::Channel};
 
 use crate::{
-    cli::{GlobalArgs, Label, OutputFormat},
+    cli::{GlobalArgs, Label, ListArgs, OutputFormat},
     render::{Columns, Object, Printer},
 };
 
@@ -152,27 +152,44 @@ impl Session {
         self.printer().one(out, item, columns)
     }
 
-    /// Runs `action` (a delete or detach) for each subject (id or name) and prints
-    /// `<describe(subject)> <done>`, or `<describe(subject)> not found` on NOT_FOUND (upstream
+    /// Prints the object a create call (`method`) returned as [`Session::print_created`] does,
+    /// or fails with `<method>: the runtime returned no <what>` when the response carries none.
+    pub fn print_created_response<T: Object>(
+        &self,
+        out: &mut dyn Write,
+        method: &str,
+        what: &str,
+        created: Option<T>,
+        columns: &impl Columns<T>,
+    ) -> Result<()> {
+        let Some(created) = created else {
+            bail!("{method}: the runtime returned no {what}");
+        };
+        self.print_created(out, what, &created, columns)
+    }
+
+    /// Calls `method` (a delete or detach, `rpc` starts it) for each subject (id or name) and
+    /// prints `<noun> <subject> <done>`, or `<noun> <subject> not found` on NOT_FOUND (upstream
     /// treats that as done). Other errors are printed as `error:` lines as they happen and make
     /// the command fail once all subjects were tried.
-    pub async fn for_each_tolerating_not_found<F, Fut>(
+    pub async fn for_each_tolerating_not_found<T, F, Fut>(
         &self,
         out: &mut dyn Write,
         subjects: &[String],
-        describe: impl Fn(&str) -> String,
+        noun: &str,
         done: &str,
-        mut action: F,
+        method: &'static str,
+        mut rpc: F,
     ) -> Result<()>
     where
         F: FnMut(String) -> Fut,
-        Fut: Future<Output = Result<(), RpcError>>,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut failed = false;
         for subject in subjects {
-            match action(subject.clone()).await {
-                Ok(()) => writeln!(out, "{} {done}", describe(subject))?,
-                Err(e) if e.code() == Code::NotFound => writeln!(out, "{} not found", describe(subject))?,
+            match self.call(method, rpc(subject.clone())).await {
+                Ok(_) => writeln!(out, "{noun} {subject} {done}")?,
+                Err(e) if e.code() == Code::NotFound => writeln!(out, "{noun} {subject} not found")?,
                 Err(e) => {
                     out.flush()?;
                     eprintln!("error: {}", crate::one_line(&e.to_string()));
@@ -189,8 +206,18 @@ impl Session {
 }
 
 /// A label selector map from `-l` pairs.
-pub fn selector(labels: &[Label]) -> std::collections::BTreeMap<String, String> {
+pub fn selector(labels: &[Label]) -> BTreeMap<String, String> {
     labels.iter().cloned().collect()
+}
+
+/// The filter of a list command built by `make` from `(id, label_selector)`, or `None` (list
+/// everything) when neither an id nor labels were given.
+pub fn list_filter<F>(
+    args: &ListArgs,
+    make: impl FnOnce(String, BTreeMap<String, String>) -> F,
+) -> Option<F> {
+    (args.id.is_some() || !args.labels.is_empty())
+        .then(|| make(args.id.clone().unwrap_or_default(), selector(&args.labels)))
 }
 
 /// `[now - duration, now]` in Unix seconds, the event window upstream irictl sends.

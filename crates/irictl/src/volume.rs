@@ -17,10 +17,10 @@ use iri_api::{
 
 use crate::{
     cli::{VolumeCommand, VolumeCreate, VolumeDelete, VolumeExpand, VolumeGet},
-    common::{EventColumns, VersionColumns, version_response},
+    common::{VersionColumns, print_events, version_response},
     input::Input,
     render::{Columns, Object, enum_name, format_map, headers, or_none},
-    session::{Session, event_window, selector},
+    session::{Session, event_window, list_filter, selector},
     units::{age, format_bytes},
 };
 
@@ -154,10 +154,7 @@ pub async fn run(session: &Session, command: VolumeCommand, out: &mut dyn Write)
     let printer = session.printer();
     match command {
         VolumeCommand::Get(VolumeGet::Volume(args)) => {
-            let filter = (args.id.is_some() || !args.labels.is_empty()).then(|| VolumeFilter {
-                id: args.id.clone().unwrap_or_default(),
-                label_selector: selector(&args.labels),
-            });
+            let filter = list_filter(&args, |id, label_selector| VolumeFilter { id, label_selector });
             let request = session.request(ListVolumesRequest { filter });
             let volumes = session
                 .call("ListVolumes", client.list_volumes(request))
@@ -166,9 +163,9 @@ pub async fn run(session: &Session, command: VolumeCommand, out: &mut dyn Write)
             printer.found(out, "volume", args.id.as_deref(), &volumes, &VolumeColumns)
         }
         VolumeCommand::Get(VolumeGet::Volumesnapshot(args)) => {
-            let filter = (args.id.is_some() || !args.labels.is_empty()).then(|| VolumeSnapshotFilter {
-                id: args.id.clone().unwrap_or_default(),
-                label_selector: selector(&args.labels),
+            let filter = list_filter(&args, |id, label_selector| VolumeSnapshotFilter {
+                id,
+                label_selector,
             });
             let request = session.request(ListVolumeSnapshotsRequest { filter });
             let snapshots = session
@@ -202,10 +199,7 @@ pub async fn run(session: &Session, command: VolumeCommand, out: &mut dyn Write)
                 .call("ListEvents", client.list_events(request))
                 .await?
                 .events;
-            let columns = EventColumns {
-                kind: RuntimeKind::Volume,
-            };
-            printer.list(out, &events, &columns)
+            print_events(&printer, out, RuntimeKind::Volume, &events)
         }
         VolumeCommand::Get(VolumeGet::Version) => {
             let request = session.request(VersionRequest::default());
@@ -213,49 +207,41 @@ pub async fn run(session: &Session, command: VolumeCommand, out: &mut dyn Write)
             printer.one(out, &version, &VersionColumns)
         }
         VolumeCommand::Create(VolumeCreate::Volume(file)) => {
-            let mut volume: Volume = Input::read(&file.file)?.decode()?;
-            // Every runtime needs metadata (for labels and annotations); an empty one is enough.
-            volume.metadata.get_or_insert_default();
+            let volume = Input::read(&file.file)?.decode_new(|v: &mut Volume| &mut v.metadata)?;
             let request = session.request(CreateVolumeRequest { volume: Some(volume) });
             let response = session
                 .call("CreateVolume", client.create_volume(request))
                 .await?;
-            let Some(created) = response.volume else {
-                bail!("CreateVolume: the runtime returned no volume");
-            };
-            session.print_created(out, "volume", &created, &VolumeColumns)
+            session.print_created_response(out, "CreateVolume", "volume", response.volume, &VolumeColumns)
         }
         VolumeCommand::Create(VolumeCreate::Volumesnapshot(file)) => {
-            let mut snapshot: VolumeSnapshot = Input::read(&file.file)?.decode()?;
-            // Every runtime needs metadata (for labels and annotations); an empty one is enough.
-            snapshot.metadata.get_or_insert_default();
+            let snapshot = Input::read(&file.file)?.decode_new(|s: &mut VolumeSnapshot| &mut s.metadata)?;
             let request = session.request(CreateVolumeSnapshotRequest {
                 volume_snapshot: Some(snapshot),
             });
             let response = session
                 .call("CreateVolumeSnapshot", client.create_volume_snapshot(request))
                 .await?;
-            let Some(created) = response.volume_snapshot else {
-                bail!("CreateVolumeSnapshot: the runtime returned no volume snapshot");
-            };
-            session.print_created(out, "volume snapshot", &created, &VolumeSnapshotColumns)
+            session.print_created_response(
+                out,
+                "CreateVolumeSnapshot",
+                "volume snapshot",
+                response.volume_snapshot,
+                &VolumeSnapshotColumns,
+            )
         }
         VolumeCommand::Delete(VolumeDelete::Volume(args)) => {
             session
                 .for_each_tolerating_not_found(
                     out,
                     &args.ids,
-                    |id| format!("Volume {id}"),
+                    "Volume",
                     "deleted",
+                    "DeleteVolume",
                     |volume_id| {
                         let mut client = client.clone();
                         let request = session.request(DeleteVolumeRequest { volume_id });
-                        async move {
-                            session
-                                .call("DeleteVolume", client.delete_volume(request))
-                                .await
-                                .map(drop)
-                        }
+                        async move { client.delete_volume(request).await }
                     },
                 )
                 .await
@@ -265,17 +251,13 @@ pub async fn run(session: &Session, command: VolumeCommand, out: &mut dyn Write)
                 .for_each_tolerating_not_found(
                     out,
                     &args.ids,
-                    |id| format!("Volume snapshot {id}"),
+                    "Volume snapshot",
                     "deleted",
+                    "DeleteVolumeSnapshot",
                     |volume_snapshot_id| {
                         let mut client = client.clone();
                         let request = session.request(DeleteVolumeSnapshotRequest { volume_snapshot_id });
-                        async move {
-                            session
-                                .call("DeleteVolumeSnapshot", client.delete_volume_snapshot(request))
-                                .await
-                                .map(drop)
-                        }
+                        async move { client.delete_volume_snapshot(request).await }
                     },
                 )
                 .await

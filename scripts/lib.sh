@@ -39,16 +39,21 @@ install_packages() {
   [ -n "$release" ] && target=(-t "$release")
   echo "== installing ${missing[*]}"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" "${missing[@]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${INSTALL_OPTIONS:-} "${target[@]}" "${missing[@]}"
 }
 
 # What the providers drive: qemu-storage-daemon, qemu-img and qemu-io (volumes), and
-# qemu-system-x86_64 with OVMF (machines; UEFI for disk images) and ip (bridge NICs).
-RUNTIME_PACKAGES=(qemu-utils qemu-system-x86 ovmf iproute2)
+# qemu-system-x86_64 with OVMF (machines; UEFI for disk images), QEMU's rbd driver (ceph
+# volumes) and ip (bridge NICs).
+RUNTIME_PACKAGES=(qemu-utils qemu-system-x86 qemu-block-extra ovmf iproute2)
 
 # What only the tests need: a real OCI registry (the CNCF distribution server) to pull
 # IronCore images from.
 TEST_PACKAGES=(docker-registry binutils fdisk mtools)
+
+# A single-node Ceph cluster for the machine provider's ceph volumes (scripts/ceph-test-cluster),
+# installed without recommends (those are a dashboard and disk tools, ~150 MB more).
+CEPH_TEST_PACKAGES=(ceph-mon ceph-osd ceph-common)
 
 # The S3 client the bucket tests (and the conformance suite's bucket data-plane profile) drive.
 PYTHON_PACKAGES=(boto3)

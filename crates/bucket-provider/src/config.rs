@@ -3,8 +3,8 @@
 //! it with every default written out.
 
 use iri_api::RuntimeKind;
+use iri_runtime::Result;
 use iri_runtime::cli::{ProviderConfig, ServerSettings};
-use iri_runtime::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::embedded::S3Settings;
@@ -79,12 +79,7 @@ impl Config {
             "bucket",
             self.classes.iter().map(|c| (c.name.as_str(), c.tps, c.iops)),
         )?;
-        if self.workers == 0 {
-            return Err(Error::invalid("workers", "must be at least 1"));
-        }
-        if self.resync_seconds == 0 {
-            return Err(Error::invalid("resync_seconds", "must be at least 1"));
-        }
+        iri_runtime::validate::reconcile_settings(self.workers, self.resync_seconds)?;
         self.s3.validate()
     }
 

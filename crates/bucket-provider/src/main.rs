@@ -5,12 +5,15 @@ use std::process::ExitCode;
 
 use bucket_provider::config::Config;
 use clap::Parser;
-use iri_runtime::cli::{ProviderArgs, render_config};
+use iri_runtime::cli::{self, ProviderArgs};
+
+/// The binary's name, in `--help` and in front of every error.
+const NAME: &str = "iri-bucket-provider";
 
 /// IRI BucketRuntime provider: buckets served by an S3 server inside the provider, each with
 /// its own credentials, stored durably in the data directory.
 #[derive(Debug, Parser)]
-#[command(name = "iri-bucket-provider", version)]
+#[command(name = NAME, version)]
 struct Args {
     #[command(flatten)]
     provider: ProviderArgs,
@@ -26,7 +29,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let mut config: Config = match args.provider.resolve() {
         Ok(config) => config,
-        Err(err) => return fail(&err),
+        Err(err) => return cli::fail(NAME, &err),
     };
     if let Some(address) = args.s3_address {
         config.s3.address = address;
@@ -35,36 +38,14 @@ fn main() -> ExitCode {
         config.s3.endpoint = endpoint;
     }
     if args.provider.print_config {
-        // Printing is also how an operator checks a config file: report what is wrong.
-        if let Err(err) = config.validate() {
-            return fail(&err);
-        }
-        return match render_config(&config) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(err) => fail(&err),
-        };
+        return cli::print_config(NAME, &config, config.validate());
     }
     // s3s logs every refused S3 request (a 403, a 404) at ERROR level, which would bury real
     // errors under ordinary client mistakes: off unless RUST_LOG asks for it. The provider logs
     // its own S3 failures, and iri_s3_requests{operation,status} counts every answer.
     iri_runtime::logging::init_with_default(config.server.log_format, bucket_provider::LOG_FILTER);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => return fail(&err),
-    };
-    match runtime.block_on(bucket_provider::run(
-        config,
-        iri_runtime::server::shutdown_signal(),
-    )) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(&format!("{err:#}")),
-    }
-}
-
-fn fail(err: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("iri-bucket-provider: {err}");
-    ExitCode::FAILURE
+    cli::block_on(
+        NAME,
+        bucket_provider::run(config, iri_runtime::server::shutdown_signal()),
+    )
 }

@@ -14,14 +14,16 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use iri_api::bucket::v1alpha1::{Bucket, BucketAccess, BucketState, BucketStatus};
 use iri_runtime::{
     Change, Error, EventType, Object, ObjectFilter, Result, Store,
+    handler::{self, blocking, is_deleting, record_event},
     metrics::Metrics,
     queue::{Outcome, QueueOptions, ReconcileQueue},
+    warning::WarningGate,
 };
 use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
 use tracing::Instrument;
@@ -29,7 +31,7 @@ use tracing::Instrument;
 use crate::{
     backend::{Backend, BackendError, BucketPlan, Limits},
     config::BucketClass,
-    record::{blocking, class, is_deleting, record_event, state},
+    record::{class, state},
 };
 
 /// The same transient failure of one bucket is reported as an event at most this often.
@@ -44,8 +46,8 @@ pub struct Reconciler {
     /// `(generation, deleted_at)` of each bucket when a reconcile last picked it up: a change
     /// that leaves these as they were is the reconciler's own status write.
     observed: Mutex<HashMap<String, (i64, i64)>>,
-    /// The last Warning about a transient failure per bucket: message and when.
-    warned: Mutex<HashMap<String, (String, Instant)>>,
+    /// Holds back a Warning about a transient failure repeated per bucket.
+    warned: WarningGate<String>,
 }
 
 /// The running workers, change feed and resync; [`Workers::shut_down`] stops them.
@@ -95,7 +97,7 @@ impl Reconciler {
             classes,
             queue: ReconcileQueue::new(QueueOptions::named("bucket")),
             observed: Mutex::new(HashMap::new()),
-            warned: Mutex::new(HashMap::new()),
+            warned: WarningGate::new(WARNING_INTERVAL),
         })
     }
 
@@ -189,7 +191,7 @@ impl Reconciler {
 
     fn forget(&self, id: &str) {
         lock(&self.observed).remove(id);
-        lock(&self.warned).remove(id);
+        self.warned.forget(id);
     }
 
     fn limits(&self, bucket: &Bucket) -> Limits {
@@ -287,7 +289,7 @@ impl Reconciler {
                 .await;
             }
         }
-        lock(&self.warned).remove(id);
+        self.warned.forget(id);
         Ok(Outcome::Done)
     }
 
@@ -296,12 +298,7 @@ impl Reconciler {
         if let Err(err) = self.backend.delete_bucket(&id).await {
             return Err(self.transient(&bucket, "Delete", err.to_string()).await);
         }
-        let store = self.store.clone();
-        let key = id.clone();
-        match blocking(move || store.remove::<Bucket>(&key)).await {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
-            Err(err) => return Err(err),
-        }
+        handler::remove_deleted::<Bucket>(&self.store, &id).await?;
         tracing::info!("bucket deleted");
         record_event(
             &self.store,
@@ -347,18 +344,7 @@ impl Reconciler {
     /// Reports a transient failure (rate-limited) and returns the error that makes the queue
     /// retry with backoff.
     async fn transient(&self, bucket: &Bucket, action: &'static str, reason: String) -> Error {
-        let id = bucket.id().to_string();
-        let report = {
-            let mut warned = lock(&self.warned);
-            let fresh = warned
-                .get(&id)
-                .is_some_and(|(m, at)| *m == reason && at.elapsed() < WARNING_INTERVAL);
-            if !fresh {
-                warned.insert(id.clone(), (reason.clone(), Instant::now()));
-            }
-            !fresh
-        };
-        if report {
+        if self.warned.admit(bucket.id().to_string(), &reason) {
             record_event(
                 &self.store,
                 bucket.metadata.as_ref(),

@@ -17,16 +17,14 @@ use iri_api::bucket::v1alpha1::{
     ListEventsRequest, ListEventsResponse, VersionRequest, VersionResponse, bucket_runtime_server,
 };
 use iri_runtime::{
-    Error, EventFilter, EventType, ObjectFilter, Result, Store,
+    Error, EventType, Result, Store,
     error::reply,
+    handler::{self, blocking, record_event},
     validate::{client_metadata, shorten},
 };
 use tonic::{Request, Response, Status};
 
-use crate::{
-    config::{BucketClass, Config},
-    record::{blocking, is_deleting, record_event},
-};
+use crate::config::{BucketClass, Config};
 
 /// `VersionResponse.runtime_name`: what poollets put in front of ids (`<name>://<id>`).
 pub const RUNTIME_NAME: &str = "iri-bucket-provider";
@@ -92,28 +90,15 @@ impl BucketService {
         Ok(stored)
     }
 
+    /// DeleteBucket: the reconciler revokes the credentials, removes the data and the record.
     async fn request_deletion(&self, id: String) -> Result<()> {
-        let current = self.store.get::<Bucket>(&id)?.object;
-        if is_deleting(&current) {
-            // Poollets poll Delete until NotFound: OK while the backend removes the bucket.
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let marked = {
-            let id = id.clone();
-            blocking(move || store.mark_deleted::<Bucket>(&id)).await?.object
-        };
-        tracing::info!(id = %id, "bucket deletion requested");
-        record_event(
+        handler::request_deletion::<Bucket>(
             &self.store,
-            marked.metadata.as_ref(),
-            EventType::Normal,
-            "Deleting",
-            "Delete",
-            "Deleting bucket: revoking its credentials and removing its objects".to_string(),
+            id,
+            "bucket",
+            "Deleting bucket: revoking its credentials and removing its objects",
         )
-        .await;
-        Ok(())
+        .await
     }
 }
 
@@ -130,13 +115,8 @@ impl bucket_runtime_server::BucketRuntime for BucketService {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(EventFilter::from)
-            .unwrap_or_default();
-        let store = self.store.clone();
-        reply(blocking(move || store.list_events(&filter)).await, |events| {
+        let filter = request.into_inner().filter;
+        reply(handler::list_events(&self.store, filter).await, |events| {
             ListEventsResponse { events }
         })
     }
@@ -145,17 +125,8 @@ impl bucket_runtime_server::BucketRuntime for BucketService {
         &self,
         request: Request<ListBucketsRequest>,
     ) -> Result<Response<ListBucketsResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(ObjectFilter::from)
-            .unwrap_or_default();
-        let buckets = self
-            .store
-            .list::<Bucket>(&filter)
-            .into_iter()
-            .map(|stored| stored.object)
-            .collect();
+        let filter = request.into_inner().filter;
+        let buckets = handler::list(&self.store, filter, |bucket: Bucket| bucket);
         Ok(Response::new(ListBucketsResponse { buckets }))
     }
 

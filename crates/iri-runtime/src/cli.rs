@@ -7,8 +7,10 @@
 //! a provider starts with defaults that work on this host.
 
 use std::{
+    fmt::Display,
     net::SocketAddr,
     path::{Path, PathBuf},
+    process::ExitCode,
 };
 
 use iri_api::RuntimeKind;
@@ -223,6 +225,41 @@ fn one_line(text: &str) -> String {
 /// The configuration as TOML, every default written out (what `--print-config` prints).
 pub fn render_config<C: ProviderConfig>(config: &C) -> Result<String> {
     toml::to_string_pretty(config).map_err(Error::internal)
+}
+
+/// `--print-config`: prints `config` as TOML, unless `valid` (the provider's own checks of it)
+/// failed. Printing is also how an operator checks a config file, so what is wrong is reported
+/// (see [`fail`]).
+pub fn print_config<C: ProviderConfig>(name: &str, config: &C, valid: Result<()>) -> ExitCode {
+    if let Err(err) = valid {
+        return fail(name, &err);
+    }
+    match render_config(config) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(name, &err),
+    }
+}
+
+/// Runs a provider's `serve` to its end on a multi-threaded runtime: success when it returns
+/// Ok, else its error with its causes (`{:#}`) reported as by [`fail`].
+pub fn block_on<E: Display>(name: &str, serve: impl Future<Output = std::result::Result<(), E>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(name, &err),
+    };
+    match runtime.block_on(serve) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(name, &format!("{err:#}")),
+    }
+}
+
+/// Reports `err` on stderr as `<name>: <err>` (`name` is the binary) and fails the process.
+pub fn fail(name: &str, err: &dyn Display) -> ExitCode {
+    eprintln!("{name}: {err}");
+    ExitCode::FAILURE
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod error;
 pub mod filter;
+pub mod handler;
 pub mod id;
 pub mod logging;
 pub mod metrics;
@@ -16,6 +17,7 @@ pub mod queue;
 pub mod server;
 pub mod store;
 pub mod validate;
+pub mod warning;
 
 pub use error::{Error, Result};
 pub use filter::{EventFilter, ObjectFilter};

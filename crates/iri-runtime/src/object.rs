@@ -32,23 +32,26 @@ pub trait Object: Message + Default + Clone + Send + Sync + 'static {
     }
 }
 
+/// Implements [`Object`] of kind `$kind` for a message with the IRI object's `metadata` and
+/// `spec` fields: the IRI types themselves, and providers' records that wrap them.
+#[macro_export]
 macro_rules! impl_object {
     ($ty:ty, $kind:literal) => {
-        impl Object for $ty {
+        impl $crate::Object for $ty {
             const KIND: &'static str = $kind;
 
-            fn metadata(&self) -> Option<&ObjectMetadata> {
+            fn metadata(&self) -> Option<&::iri_api::meta::v1alpha1::ObjectMetadata> {
                 self.metadata.as_ref()
             }
 
-            fn metadata_mut(&mut self) -> &mut ObjectMetadata {
+            fn metadata_mut(&mut self) -> &mut ::iri_api::meta::v1alpha1::ObjectMetadata {
                 self.metadata.get_or_insert_with(Default::default)
             }
 
             fn spec_bytes(&self) -> Vec<u8> {
                 self.spec
                     .as_ref()
-                    .map(Message::encode_to_vec)
+                    .map(::prost::Message::encode_to_vec)
                     .unwrap_or_default()
             }
         }

@@ -110,6 +110,18 @@ pub fn limit_classes<'a>(noun: &str, classes: impl IntoIterator<Item = (&'a str,
     Ok(())
 }
 
+/// Checks the reconciler settings every provider has: `workers` and `resync_seconds` (the
+/// period of the full resync), each at least 1. Errors name the setting.
+pub fn reconcile_settings(workers: usize, resync_seconds: u64) -> Result<()> {
+    if workers == 0 {
+        return Err(Error::invalid("workers", "must be at least 1"));
+    }
+    if resync_seconds == 0 {
+        return Err(Error::invalid("resync_seconds", "must be at least 1"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -265,12 +265,7 @@ impl Config {
                 ));
             }
         }
-        if self.workers == 0 {
-            return Err(Error::invalid("workers", "must be at least 1"));
-        }
-        if self.resync_seconds == 0 {
-            return Err(Error::invalid("resync_seconds", "must be at least 1"));
-        }
+        iri_runtime::validate::reconcile_settings(self.workers, self.resync_seconds)?;
         if self.default_local_disk_bytes <= 0 {
             return Err(Error::invalid("default_local_disk_bytes", "must be > 0"));
         }

@@ -23,12 +23,14 @@
 //! * volumes: `local_disk` (a sparse qcow2 in the machine directory, or made from an OCI
 //!   image's rootfs) and `connection` with driver `nbd` (the volume provider's; over TCP with
 //!   TLS given `nbd_tls_dir`), at start and by hot-plug into pre-created PCIe root ports, grown
-//!   online by UpdateVolume; other drivers (`ceph`) stay PENDING with a Warning event;
+//!   online by UpdateVolume; `ceph` (upstream's access, QEMU's rbd driver, see [`ceph`]);
+//!   other drivers stay PENDING with a Warning event;
 //! * network interfaces: plugin `bridge` (a tap on a configured Linux bridge) or `isolated`
 //!   (QEMU user-mode networking, `restrict=on`), at start and by hot-plug.
 //!
 //! [`run`] wires it together; the binary adds flags and logging.
 
+pub mod ceph;
 pub mod config;
 pub mod console;
 pub mod exec;

@@ -15,6 +15,7 @@
 //! | `qemu.log` | QEMU's own messages at start |
 //! | `ignition` | `spec.ignition_data` (0600), passed as fw_cfg `opt/com.coreos/config` |
 //! | `efivars.fd` | the UEFI variable store of a machine that boots from disk (firmware) |
+//! | `ceph.conf`, `secret-<id>` | librados timeouts and the cephx keys/passphrases (0600) of `ceph` volumes |
 //! | `disk-<hex of the volume name>.qcow2` | a `local_disk` volume (sparse) |
 //!
 //! QEMU binds its sockets by names relative to the machine directory (it starts there), and
@@ -154,6 +155,16 @@ impl MachineDir {
         self.dir.join("qemu.log")
     }
 
+    /// The file of QEMU secret object `id` (0600; base64 of the secret).
+    pub fn secret(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("secret-{id}"))
+    }
+
+    /// The `ceph.conf` of the machine's `ceph` volumes.
+    pub fn ceph_conf(&self) -> PathBuf {
+        self.dir.join("ceph.conf")
+    }
+
     /// The machine's UEFI variable store (a copy of the firmware's template).
     pub fn efivars(&self) -> PathBuf {
         self.dir.join("efivars.fd")
@@ -285,6 +296,13 @@ pub enum DiskSource {
     Qcow2(PathBuf),
     /// An NBD export (a volume of driver `nbd`).
     Nbd(crate::nbd::Export),
+    /// An RBD image (a volume of driver `ceph`), with the machine's `ceph.conf`.
+    Rbd {
+        /// The image and its credentials.
+        rbd: crate::ceph::Rbd,
+        /// The `ceph.conf` bounding librados' waits.
+        conf: PathBuf,
+    },
 }
 
 /// A failure to start QEMU.
@@ -399,10 +417,24 @@ pub fn command_line(settings: &QemuSettings, dir: &MachineDir, plan: &BootPlan) 
     }
     if let Some(tls) = plan.disks.iter().find_map(|d| match &d.source {
         DiskSource::Nbd(export) => export.tls.as_ref(),
-        DiskSource::Qcow2(_) => None,
+        DiskSource::Qcow2(_) | DiskSource::Rbd { .. } => None,
     }) {
         arg("-object".into());
         arg(crate::nbd::tls_object(tls).to_string());
+    }
+    for disk in &plan.disks {
+        if let DiskSource::Rbd { rbd, .. } = &disk.source {
+            // From files of the machine directory (written with the plan), never inline: the
+            // command line is readable by every local user.
+            for object in crate::ceph::secret_objects(rbd, &disk.key) {
+                let id = object["id"].as_str().unwrap_or_default().to_string();
+                arg("-object".into());
+                arg(format!(
+                    "secret,id={id},format=base64,file={}",
+                    escape(&dir.secret(&id))
+                ));
+            }
+        }
     }
     for (i, disk) in plan.disks.iter().enumerate() {
         for node in blockdevs(disk) {
@@ -472,6 +504,7 @@ pub fn blockdevs(disk: &Disk) -> Vec<Value> {
             }),
         ],
         DiskSource::Nbd(export) => vec![crate::nbd::blockdev(export, &format!("d{key}"))],
+        DiskSource::Rbd { rbd, conf } => vec![crate::ceph::blockdev(rbd, key, &format!("d{key}"), conf)],
     }
 }
 

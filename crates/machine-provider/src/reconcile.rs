@@ -28,8 +28,8 @@
 //! next start, also when QEMU vanished on its own meanwhile.
 
 use std::{
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    collections::HashSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -39,20 +39,23 @@ use iri_api::machine::v1alpha1::{
 };
 use iri_runtime::{
     Change, Error, EventType, Object, ObjectFilter, Result, Store,
+    handler::{self, blocking, record_event},
     id::now_nanos,
     metrics::Metrics,
     queue::{Outcome, QueueOptions, ReconcileQueue},
+    warning::WarningGate,
 };
 use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
 use tracing::Instrument;
 
 use crate::{
+    ceph,
     config::{Config, StoppedState},
     images::{self, ImageCache, ImageError},
     machines::{Machines, Running},
     nbd, network,
     qemu::{self, BootPlan, Disk, DiskSource, Nic, StartError},
-    record::{MachineRecord, blocking, record_event},
+    record::MachineRecord,
     server::{KernelImage, resolve_image},
 };
 
@@ -133,6 +136,13 @@ fn volume_status(volume: &Volume, attached: bool) -> VolumeStatus {
 /// `size_bytes`, or a connection with `effective_storage_bytes`).
 fn wanted_bytes(volume: &Volume) -> Option<u64> {
     let bytes = match (&volume.connection, &volume.local_disk) {
+        // librbd's LUKS2 header sits inside the image: the guest's size is not the volume's,
+        // so an encrypted ceph volume is not grown online.
+        (Some(connection), _)
+            if connection.driver == ceph::DRIVER && !connection.encryption_data.is_empty() =>
+        {
+            0
+        }
         (Some(connection), _) => connection.effective_storage_bytes,
         (None, Some(disk)) if disk.image.is_none() => disk.size_bytes,
         _ => 0,
@@ -156,8 +166,8 @@ pub struct Reconciler {
     /// OCI boot images, fetched into `<data-dir>/images`.
     images: ImageCache,
     queue: ReconcileQueue<String>,
-    /// The last warning per machine and reason: message and when.
-    warned: Mutex<HashMap<WarningKey, (String, Instant)>>,
+    /// Holds back a warning repeated per machine and reason.
+    warned: WarningGate<WarningKey>,
 }
 
 /// The running workers, change feed and resync; [`Workers::shut_down`] stops them.
@@ -184,10 +194,6 @@ impl Workers {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn ids(store: &Store) -> Vec<String> {
     store
         .list::<MachineRecord>(&ObjectFilter::default())
@@ -210,7 +216,7 @@ impl Reconciler {
             images,
             config,
             queue,
-            warned: Mutex::new(HashMap::new()),
+            warned: WarningGate::new(WARNING_INTERVAL),
         });
         let queue = reconciler.queue.clone();
         reconciler
@@ -327,16 +333,8 @@ impl Reconciler {
         action: &'static str,
         message: String,
     ) {
-        let key = (record.id().to_string(), reason);
-        {
-            let mut warned = lock(&self.warned);
-            if let Some((last, at)) = warned.get(&key)
-                && *last == message
-                && at.elapsed() < WARNING_INTERVAL
-            {
-                return;
-            }
-            warned.insert(key, (message.clone(), Instant::now()));
+        if !self.warned.admit((record.id().to_string(), reason), &message) {
+            return;
         }
         tracing::warn!(id = %record.id(), reason, "{message}");
         record_event(
@@ -635,8 +633,20 @@ impl Reconciler {
                     );
                 }
             }
-            if let Some(disk) = self.disk(record.id(), volume, rootfs.as_deref()).await? {
-                disks.push(disk);
+            match self.disk(record.id(), volume, rootfs.as_deref()).await {
+                Ok(Some(disk)) => disks.push(disk),
+                Ok(None) => {}
+                // A ceph volume that cannot be opened now (no monitor answers) does not keep
+                // the machine from starting: it stays PENDING and is hot-plugged once it can.
+                Err(StartError::Transient(reason))
+                    if volume
+                        .connection
+                        .as_ref()
+                        .is_some_and(|c| c.driver == ceph::DRIVER) =>
+                {
+                    tracing::info!(id = %record.id(), volume = %volume.name, "starting without it: {reason}");
+                }
+                Err(e) => return Err(e),
             }
         }
         let ignition = !spec.ignition_data.is_empty();
@@ -676,6 +686,9 @@ impl Reconciler {
         let key = qemu::volume_key(&volume.name);
         let serial = volume_serial(volume);
         if let Some(connection) = &volume.connection {
+            if connection.driver == ceph::DRIVER {
+                return self.rbd_disk(id, key, serial, connection).await.map(Some);
+            }
             if connection.driver != NBD_DRIVER {
                 // Reported PENDING with an event by write_status.
                 return Ok(None);
@@ -734,6 +747,46 @@ impl Reconciler {
             source: DiskSource::Qcow2(path),
             serial,
         }))
+    }
+
+    /// The disk of a `ceph` volume: its access checked, a monitor reachable (else QEMU would
+    /// block on it), the machine's `ceph.conf` and secret files (0600) written for a start.
+    async fn rbd_disk(
+        &self,
+        id: &str,
+        key: String,
+        serial: String,
+        connection: &iri_api::machine::v1alpha1::VolumeConnection,
+    ) -> Result<Disk, StartError> {
+        let rbd = ceph::from_connection(connection).map_err(StartError::Permanent)?;
+        if !ceph::reachable(&rbd).await {
+            let monitors: Vec<String> = rbd.monitors.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+            return Err(StartError::Transient(format!(
+                "no Ceph monitor answers ({}); attached once one does",
+                monitors.join(", ")
+            )));
+        }
+        let dir = self.machines.dir(id);
+        let written = dir
+            .create()
+            .and_then(|()| qemu::write_private(&dir.ceph_conf(), ceph::CONF.as_bytes()));
+        let written = written.and_then(|()| {
+            for object in ceph::secret_objects(&rbd, &key) {
+                let id = object["id"].as_str().unwrap_or_default();
+                let data = object["data"].as_str().unwrap_or_default();
+                qemu::write_private(&dir.secret(id), data.as_bytes())?;
+            }
+            Ok(())
+        });
+        written.map_err(|e| StartError::Transient(format!("writing the volume's Ceph files: {e}")))?;
+        Ok(Disk {
+            key,
+            source: DiskSource::Rbd {
+                rbd,
+                conf: dir.ceph_conf(),
+            },
+            serial,
+        })
     }
 
     /// Brings the volumes of a running QEMU in line with the spec: hot-plugs what is missing
@@ -809,6 +862,15 @@ impl Reconciler {
                     Err(e) => return Err(unavailable("object-add", e)),
                 }
             }
+            if let DiskSource::Rbd { rbd, .. } = &disk.source {
+                for object in ceph::secret_objects(rbd, &disk.key) {
+                    match running.qmp.execute_value("object-add", object).await {
+                        Ok(_) => {}
+                        Err(qmp::Error::Command { desc, .. }) if desc.contains("already") => {}
+                        Err(e) => return Err(unavailable("object-add", e)),
+                    }
+                }
+            }
             for node in qemu::blockdevs(&disk) {
                 match running.qmp.execute_value("blockdev-add", node).await {
                     Ok(_) => {}
@@ -858,6 +920,15 @@ impl Reconciler {
                     .qmp
                     .execute_value("blockdev-del", serde_json::json!({"node-name": node}))
                     .await;
+            }
+            // A ceph volume's secrets go with it, in QEMU and on disk.
+            let dir = self.machines.dir(record.id());
+            for secret in [ceph::key_secret_id(&key), ceph::passphrase_secret_id(&key)] {
+                let _ = running
+                    .qmp
+                    .execute_value("object-del", serde_json::json!({"id": secret}))
+                    .await;
+                let _ = std::fs::remove_file(dir.secret(&secret));
             }
         }
         self.finish_detaches(record, &done).await?;
@@ -1099,17 +1170,8 @@ impl Reconciler {
             .remove(&id)
             .await
             .map_err(|e| Error::Internal(format!("removing the machine directory: {e}")))?;
-        let store = self.store.clone();
-        match blocking({
-            let id = id.clone();
-            move || store.remove::<MachineRecord>(&id)
-        })
-        .await
-        {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
-            Err(err) => return Err(err),
-        }
-        lock(&self.warned).retain(|(machine, _), _| *machine != id);
+        handler::remove_deleted::<MachineRecord>(&self.store, &id).await?;
+        self.warned.retain(|(machine, _)| *machine != id);
         self.event(&record, "Deleted", "Delete", "Deleted the machine".into())
             .await;
         Ok(Outcome::Done)
@@ -1138,7 +1200,11 @@ impl Reconciler {
                     .as_ref()
                     .is_some_and(|d| d.image.is_some() && d.size_bytes == 0);
                 let attached = running && (boot_image || has_device(v));
-                if let Some(connection) = v.connection.as_ref().filter(|c| c.driver != NBD_DRIVER) {
+                if let Some(connection) = v
+                    .connection
+                    .as_ref()
+                    .filter(|c| c.driver != NBD_DRIVER && c.driver != ceph::DRIVER)
+                {
                     unsupported.push(format!("volume {:?} (driver {:?})", v.name, connection.driver));
                 }
                 volume_status(v, attached)
@@ -1173,7 +1239,7 @@ impl Reconciler {
                 "AttachmentNotSupported",
                 "Attach",
                 format!(
-                    "Not attached (only volume driver nbd is implemented yet): {}",
+                    "Not attached (volume drivers nbd and ceph are implemented): {}",
                     unsupported.join(", ")
                 ),
             )

@@ -9,7 +9,6 @@ use iri_api::{
     machine::v1alpha1::{Machine, MachineSpec, MachineState, MachineStatus, Power},
     meta::v1alpha1::ObjectMetadata,
 };
-use iri_runtime::{Error, EventType, Object, Result, Store};
 use prost::Message;
 
 /// A machine as stored: the IRI object plus what only the provider needs to know.
@@ -44,21 +43,7 @@ pub struct MachineRecord {
     pub detaching_nics: Vec<iri_api::machine::v1alpha1::NetworkInterface>,
 }
 
-impl Object for MachineRecord {
-    const KIND: &'static str = "machine";
-
-    fn metadata(&self) -> Option<&ObjectMetadata> {
-        self.metadata.as_ref()
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMetadata {
-        self.metadata.get_or_insert_with(Default::default)
-    }
-
-    fn spec_bytes(&self) -> Vec<u8> {
-        self.spec.as_ref().map(Message::encode_to_vec).unwrap_or_default()
-    }
-}
+iri_runtime::impl_object!(MachineRecord, "machine");
 
 impl MachineRecord {
     /// The IRI object, as List and Create return it.
@@ -101,34 +86,6 @@ impl MachineRecord {
             .as_ref()
             .and_then(|s| MachineState::try_from(s.state).ok())
             .unwrap_or(MachineState::MachinePending)
-    }
-}
-
-/// Runs a store write (an fsynced SQLite transaction) off the async worker threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    write: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(write)
-        .await
-        .map_err(|e| Error::Internal(format!("store task: {e}")))?
-}
-
-/// Records an event about the object with `meta`. The change it reports has happened already,
-/// so an event that cannot be stored is logged, never turned into a failure of that change.
-pub(crate) async fn record_event(
-    store: &Store,
-    meta: Option<&ObjectMetadata>,
-    event_type: EventType,
-    reason: &'static str,
-    action: &'static str,
-    message: String,
-) {
-    let store = store.clone();
-    let meta = meta.cloned().unwrap_or_default();
-    let id = meta.id.clone();
-    let result = blocking(move || store.record_event(&meta, event_type, reason, action, &message)).await;
-    if let Err(err) = result {
-        tracing::warn!(id = %id, reason, %err, "cannot record event");
     }
 }
 

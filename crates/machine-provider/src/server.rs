@@ -14,10 +14,12 @@
 //!   of the configured `image_dirs`, given as `file:///dir` or `/dir`, holding `vmlinuz` and
 //!   `initramfs` (or `initramfs.cpio.gz`) for direct kernel boot;
 //! * `connection` volumes of driver `nbd` (the volume provider's) are attached at start; their
-//!   `uri` must name a socket inside `nbd_socket_dirs` (or NBD over TCP). Other drivers (`ceph`)
-//!   are accepted and round-trip, but not attached: their status stays PENDING and a Warning
-//!   event says why. Network interfaces are attached with the `isolated` plugin (see
-//!   `reconcile`);
+//!   `uri` must name a socket inside `nbd_socket_dirs` (or NBD over TCP). Volumes of driver
+//!   `ceph` are accepted as upstream's poollet sends them (their access is checked when they are
+//!   attached: a malformed one stays PENDING with a Warning event naming the field, since the
+//!   poollet re-sends the same spec). Other drivers round-trip, but are not attached: their
+//!   status stays PENDING and a Warning event says why. Network interfaces are attached with
+//!   the plugin their `network_id` selects (see `network`);
 //! * AttachVolume/DetachVolume and AttachNetworkInterface/DetachNetworkInterface hot-plug and
 //!   unplug `local_disk` (without image) and `nbd` volumes and NICs on a running machine (on a
 //!   stopped one they take effect at the next start); a detached one stays in status until the
@@ -55,8 +57,9 @@ use iri_api::machine::v1alpha1::{
     VolumeStatus, machine_runtime_server,
 };
 use iri_runtime::{
-    Error, EventFilter, EventType, ObjectFilter, Result, Store,
+    Error, EventType, ObjectFilter, Result, Store,
     error::reply,
+    handler::{self, blocking, record_event},
     validate::{client_metadata, shorten, string_map},
 };
 use tonic::{Request, Response, Status};
@@ -64,7 +67,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     config::{Config, MachineClass},
     exec::ExecServer,
-    record::{MachineRecord, blocking, record_event},
+    record::MachineRecord,
 };
 
 /// `VersionResponse.runtime_name`: what poollets put in front of ids (`<name>://<id>`).
@@ -265,30 +268,9 @@ impl MachineService {
             .collect()
     }
 
+    /// DeleteMachine: the reconciler stops QEMU and then removes the record.
     async fn request_deletion(&self, id: String) -> Result<()> {
-        let current = self.store.get::<MachineRecord>(&id)?.object;
-        if current.is_deleting() {
-            // Poollets poll Delete until NotFound: OK while the machine is being removed.
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let marked = {
-            let id = id.clone();
-            blocking(move || store.mark_deleted::<MachineRecord>(&id))
-                .await?
-                .object
-        };
-        tracing::info!(id = %id, "machine deletion requested");
-        record_event(
-            &self.store,
-            marked.metadata.as_ref(),
-            EventType::Normal,
-            "Deleting",
-            "Delete",
-            "Deleting machine".to_string(),
-        )
-        .await;
-        Ok(())
+        handler::request_deletion::<MachineRecord>(&self.store, id, "machine", "Deleting machine").await
     }
 
     async fn set_power(&self, request: UpdateMachinePowerRequest) -> Result<()> {
@@ -359,52 +341,92 @@ impl MachineService {
             ));
         }
         self.check_nbd("volume", &volume)?;
-        let id = request.machine_id;
+        let device_is_free = |attached: &[Volume], volume: &Volume| {
+            if !volume.device.is_empty()
+                && let Some(other) = attached.iter().find(|v| v.device == volume.device)
+            {
+                return Err(Error::invalid(
+                    "volume.device",
+                    format!(
+                        "device {:?} is already used by volume {:?}",
+                        volume.device, other.name
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        self.attach(
+            request.machine_id,
+            volume,
+            device_is_free,
+            "VolumeAttaching",
+            "AttachVolume",
+        )
+        .await
+    }
+
+    async fn detach_volume(&self, request: DetachVolumeRequest) -> Result<()> {
+        self.detach::<Volume>(
+            request.machine_id,
+            request.name,
+            "VolumeDetaching",
+            "DetachVolume",
+        )
+        .await
+    }
+
+    /// Adds `item` to machine `id`'s spec, after the checks every attachment shares and, after
+    /// those about its name, `check` against what is attached already; then records `reason`.
+    async fn attach<T: Attachment>(
+        &self,
+        id: String,
+        item: T,
+        check: impl Fn(&[T], &T) -> Result<()> + Send + 'static,
+        reason: &'static str,
+        action: &'static str,
+    ) -> Result<()> {
         self.machine(&id)?;
-        let key = crate::qemu::volume_key(&volume.name);
-        let name = volume.name.clone();
+        let key = crate::qemu::volume_key(item.name());
+        let name = item.name().to_string();
         let store = self.store.clone();
         let updated = blocking(move || {
             store.update::<MachineRecord>(&id, |record| {
                 if record.is_deleting() {
                     return Err(Error::FailedPrecondition(format!("machine {id:?} is being deleted")));
                 }
-                let detaching = record.detaching.clone();
-                let spec = record.spec.get_or_insert_with(Default::default);
-                if spec.volumes.iter().any(|v| v.name == volume.name) {
+                let (attached, detaching) = T::lists(record);
+                if attached.iter().any(|a| a.name() == item.name()) {
                     return Err(Error::AlreadyExists {
-                        kind: "volume attachment",
-                        id: volume.name.clone(),
+                        kind: T::KIND,
+                        id: item.name().to_string(),
                     });
                 }
-                if detaching.iter().any(|v| v.name == volume.name) {
+                if detaching.iter().any(|d| d.name() == item.name()) {
                     return Err(Error::FailedPrecondition(format!(
-                        "volume {:?} is still being detached from machine {id:?}; attach it again once it is gone",
-                        volume.name
+                        "{} {:?} is still being detached from machine {id:?}; attach it again once it is gone",
+                        T::NOUN,
+                        item.name()
                     )));
                 }
-                if !volume.device.is_empty()
-                    && let Some(other) = spec.volumes.iter().find(|v| v.device == volume.device)
-                {
-                    return Err(Error::invalid(
-                        "volume.device",
-                        format!("device {:?} is already used by volume {:?}", volume.device, other.name),
-                    ));
-                }
-                if let Some(other) = spec
-                    .volumes
+                check(attached, &item)?;
+                if let Some(other) = attached
                     .iter()
-                    .chain(&detaching)
-                    .find(|v| crate::qemu::volume_key(&v.name) == key)
+                    .chain(detaching.iter())
+                    .find(|a| crate::qemu::volume_key(a.name()) == key)
                 {
                     // 64-bit hashes of names do not collide in practice; if they ever do, the
                     // devices would, so refuse rather than confuse them.
                     return Err(Error::invalid(
-                        "volume.name",
-                        format!("{:?} collides with volume {:?}; choose another name", volume.name, other.name),
+                        format!("{}.name", T::FIELD),
+                        format!(
+                            "{:?} collides with {} {:?}; choose another name",
+                            item.name(),
+                            T::NOUN,
+                            other.name()
+                        ),
                     ));
                 }
-                spec.volumes.push(volume.clone());
+                attached.push(item.clone());
                 Ok(())
             })
         })
@@ -414,36 +436,41 @@ impl MachineService {
             &self.store,
             updated.metadata.as_ref(),
             EventType::Normal,
-            "VolumeAttaching",
-            "AttachVolume",
-            format!("Attaching volume {name:?}"),
+            reason,
+            action,
+            format!("Attaching {} {name:?}", T::NOUN),
         )
         .await;
         Ok(())
     }
 
-    async fn detach_volume(&self, request: DetachVolumeRequest) -> Result<()> {
-        if request.name.is_empty() {
+    /// Moves the attachment `name` of machine `id` from its spec to the detaching ones, then
+    /// records `reason`. NotFound when it is not attached (any more).
+    async fn detach<T: Attachment>(
+        &self,
+        id: String,
+        name: String,
+        reason: &'static str,
+        action: &'static str,
+    ) -> Result<()> {
+        if name.is_empty() {
             return Err(Error::required("name"));
         }
-        let id = request.machine_id;
         self.machine(&id)?;
-        let name = request.name;
         let store = self.store.clone();
         let updated = {
             let name = name.clone();
             blocking(move || {
                 store.update::<MachineRecord>(&id, |record| {
-                    let spec = record.spec.get_or_insert_with(Default::default);
-                    let at = spec
-                        .volumes
+                    let (attached, detaching) = T::lists(record);
+                    let at = attached
                         .iter()
-                        .position(|v| v.name == name)
-                        .ok_or_else(|| Error::not_found("volume attachment", name.clone()))?;
-                    let volume = spec.volumes.remove(at);
+                        .position(|a| a.name() == name)
+                        .ok_or_else(|| Error::not_found(T::KIND, name.clone()))?;
+                    let item = attached.remove(at);
                     // The device goes when the guest lets go of it; until then it stays in status.
-                    record.detaching.retain(|v| v.name != volume.name);
-                    record.detaching.push(volume);
+                    detaching.retain(|d| d.name() != item.name());
+                    detaching.push(item);
                     Ok(())
                 })
             })
@@ -454,9 +481,9 @@ impl MachineService {
             &self.store,
             updated.metadata.as_ref(),
             EventType::Normal,
-            "VolumeDetaching",
-            "DetachVolume",
-            format!("Detaching volume {name:?}"),
+            reason,
+            action,
+            format!("Detaching {} {name:?}", T::NOUN),
         )
         .await;
         Ok(())
@@ -533,96 +560,25 @@ impl MachineService {
             .network_interface
             .ok_or_else(|| Error::required("network_interface"))?;
         validate_nic("network_interface", &nic)?;
-        let id = request.machine_id;
-        self.machine(&id)?;
-        let key = crate::qemu::volume_key(&nic.name);
-        let name = nic.name.clone();
-        let store = self.store.clone();
-        let updated = blocking(move || {
-            store.update::<MachineRecord>(&id, |record| {
-                if record.is_deleting() {
-                    return Err(Error::FailedPrecondition(format!("machine {id:?} is being deleted")));
-                }
-                let detaching = record.detaching_nics.clone();
-                let spec = record.spec.get_or_insert_with(Default::default);
-                if spec.network_interfaces.iter().any(|n| n.name == nic.name) {
-                    return Err(Error::AlreadyExists {
-                        kind: "network interface",
-                        id: nic.name.clone(),
-                    });
-                }
-                if detaching.iter().any(|n| n.name == nic.name) {
-                    return Err(Error::FailedPrecondition(format!(
-                        "network interface {:?} is still being detached from machine {id:?}; attach it again once it is gone",
-                        nic.name
-                    )));
-                }
-                if let Some(other) = spec
-                    .network_interfaces
-                    .iter()
-                    .chain(&detaching)
-                    .find(|n| crate::qemu::volume_key(&n.name) == key)
-                {
-                    return Err(Error::invalid(
-                        "network_interface.name",
-                        format!("{:?} collides with network interface {:?}; choose another name", nic.name, other.name),
-                    ));
-                }
-                spec.network_interfaces.push(nic.clone());
-                Ok(())
-            })
-        })
-        .await?
-        .object;
-        record_event(
-            &self.store,
-            updated.metadata.as_ref(),
-            EventType::Normal,
+        let no_more_checks = |_: &[NetworkInterface], _: &NetworkInterface| Ok(());
+        self.attach(
+            request.machine_id,
+            nic,
+            no_more_checks,
             "NICAttaching",
             "AttachNetworkInterface",
-            format!("Attaching network interface {name:?}"),
         )
-        .await;
-        Ok(())
+        .await
     }
 
     async fn detach_nic(&self, request: DetachNetworkInterfaceRequest) -> Result<()> {
-        if request.name.is_empty() {
-            return Err(Error::required("name"));
-        }
-        let id = request.machine_id;
-        self.machine(&id)?;
-        let name = request.name;
-        let store = self.store.clone();
-        let updated = {
-            let name = name.clone();
-            blocking(move || {
-                store.update::<MachineRecord>(&id, |record| {
-                    let spec = record.spec.get_or_insert_with(Default::default);
-                    let at = spec
-                        .network_interfaces
-                        .iter()
-                        .position(|n| n.name == name)
-                        .ok_or_else(|| Error::not_found("network interface", name.clone()))?;
-                    let nic = spec.network_interfaces.remove(at);
-                    record.detaching_nics.retain(|n| n.name != nic.name);
-                    record.detaching_nics.push(nic);
-                    Ok(())
-                })
-            })
-            .await?
-            .object
-        };
-        record_event(
-            &self.store,
-            updated.metadata.as_ref(),
-            EventType::Normal,
+        self.detach::<NetworkInterface>(
+            request.machine_id,
+            request.name,
             "NICDetaching",
             "DetachNetworkInterface",
-            format!("Detaching network interface {name:?}"),
         )
-        .await;
-        Ok(())
+        .await
     }
 
     fn exec(&self, request: ExecRequest) -> Result<String> {
@@ -634,6 +590,53 @@ impl MachineService {
             )));
         }
         self.exec.issue(&request.machine_id)
+    }
+}
+
+/// A volume or a network interface: a named part of a machine's spec that Attach adds and
+/// Detach moves to the record's detaching ones, where it stays until the guest has let go.
+trait Attachment: Clone + Send + 'static {
+    /// The kind in NotFound and AlreadyExists errors.
+    const KIND: &'static str;
+    /// What error and event messages call it.
+    const NOUN: &'static str;
+    /// The field of the Attach request that carries it.
+    const FIELD: &'static str;
+
+    /// Its name, unique among the machine's attachments of its kind.
+    fn name(&self) -> &str;
+
+    /// The attached ones in `record`'s spec, and those still detaching.
+    fn lists(record: &mut MachineRecord) -> (&mut Vec<Self>, &mut Vec<Self>);
+}
+
+impl Attachment for Volume {
+    const KIND: &'static str = "volume attachment";
+    const NOUN: &'static str = "volume";
+    const FIELD: &'static str = "volume";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lists(record: &mut MachineRecord) -> (&mut Vec<Self>, &mut Vec<Self>) {
+        let spec = record.spec.get_or_insert_with(Default::default);
+        (&mut spec.volumes, &mut record.detaching)
+    }
+}
+
+impl Attachment for NetworkInterface {
+    const KIND: &'static str = "network interface";
+    const NOUN: &'static str = "network interface";
+    const FIELD: &'static str = "network_interface";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lists(record: &mut MachineRecord) -> (&mut Vec<Self>, &mut Vec<Self>) {
+        let spec = record.spec.get_or_insert_with(Default::default);
+        (&mut spec.network_interfaces, &mut record.detaching_nics)
     }
 }
 
@@ -949,18 +952,8 @@ impl machine_runtime_server::MachineRuntime for MachineService {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(|f| EventFilter {
-                id: f.id,
-                label_selector: f.label_selector,
-                from: f.events_from_time,
-                to: f.events_to_time,
-            })
-            .unwrap_or_default();
-        let store = self.store.clone();
-        reply(blocking(move || store.list_events(&filter)).await, |events| {
+        let filter = request.into_inner().filter;
+        reply(handler::list_events(&self.store, filter).await, |events| {
             ListEventsResponse { events }
         })
     }
@@ -969,20 +962,8 @@ impl machine_runtime_server::MachineRuntime for MachineService {
         &self,
         request: Request<ListMachinesRequest>,
     ) -> Result<Response<ListMachinesResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(|f| ObjectFilter {
-                id: f.id,
-                label_selector: f.label_selector,
-            })
-            .unwrap_or_default();
-        let machines = self
-            .store
-            .list::<MachineRecord>(&filter)
-            .into_iter()
-            .map(|s| s.object.into_machine())
-            .collect();
+        let filter = request.into_inner().filter;
+        let machines = handler::list(&self.store, filter, MachineRecord::into_machine);
         Ok(Response::new(ListMachinesResponse { machines }))
     }
 

@@ -86,12 +86,7 @@ impl Config {
             "volume",
             self.classes.iter().map(|c| (c.name.as_str(), c.tps, c.iops)),
         )?;
-        if self.workers == 0 {
-            return Err(Error::invalid("workers", "must be at least 1"));
-        }
-        if self.resync_seconds == 0 {
-            return Err(Error::invalid("resync_seconds", "must be at least 1"));
-        }
+        iri_runtime::validate::reconcile_settings(self.workers, self.resync_seconds)?;
         let listen = self.local.tcp_listen.as_str();
         if !listen.is_empty() {
             let Ok(address) = listen.parse::<std::net::SocketAddr>() else {

@@ -4,13 +4,16 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use iri_runtime::cli::{ProviderArgs, render_config};
+use iri_runtime::cli::{self, ProviderArgs};
 use volume_provider::config::Config;
+
+/// The binary's name, in `--help` and in front of every error.
+const NAME: &str = "iri-volume-provider";
 
 /// IRI VolumeRuntime provider: volumes as qcow2 files in the data directory, served over NBD
 /// by a qemu-storage-daemon that the provider supervises.
 #[derive(Debug, Parser)]
-#[command(name = "iri-volume-provider", version)]
+#[command(name = NAME, version)]
 struct Args {
     #[command(flatten)]
     provider: ProviderArgs,
@@ -20,36 +23,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let config: Config = match args.provider.resolve() {
         Ok(config) => config,
-        Err(err) => return fail(&err),
+        Err(err) => return cli::fail(NAME, &err),
     };
     if args.provider.print_config {
-        // Printing is also how an operator checks a config file: report what is wrong.
-        if let Err(err) = config.validate() {
-            return fail(&err);
-        }
-        return match render_config(&config) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(err) => fail(&err),
-        };
+        return cli::print_config(NAME, &config, config.validate());
     }
     iri_runtime::logging::init(config.server.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => return fail(&err),
-    };
-    match runtime.block_on(volume_provider::run(
-        config,
-        iri_runtime::server::shutdown_signal(),
-    )) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(&format!("{err:#}")),
-    }
-}
-
-fn fail(err: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("iri-volume-provider: {err}");
-    ExitCode::FAILURE
+    cli::block_on(
+        NAME,
+        volume_provider::run(config, iri_runtime::server::shutdown_signal()),
+    )
 }

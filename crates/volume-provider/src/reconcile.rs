@@ -24,7 +24,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use iri_api::volume::v1alpha1::{
@@ -33,8 +33,10 @@ use iri_api::volume::v1alpha1::{
 };
 use iri_runtime::{
     Change, Error, EventType, Object, ObjectFilter, Result, Store,
+    handler::{self, blocking, is_deleting, record_event},
     metrics::Metrics,
     queue::{Outcome, QueueOptions, ReconcileQueue},
+    warning::WarningGate,
 };
 use tokio::{sync::broadcast::error::RecvError, task::JoinHandle};
 use tracing::Instrument;
@@ -43,10 +45,7 @@ use crate::{
     backend::{Access, Backend, BackendError, ImageRef, Limits, Source, VolumePlan},
     config::VolumeClass,
     keys::WrappedKey,
-    record::{
-        VolumeRecord, blocking, record_event, snapshot_is_deleting, snapshot_size, snapshot_state,
-        snapshot_volume_id,
-    },
+    record::{VolumeRecord, snapshot_size, snapshot_state, snapshot_volume_id},
 };
 
 /// How soon an object that waits for another one looks again, in case the wake-up by the
@@ -70,8 +69,8 @@ pub struct Reconciler {
     /// that leaves these as they were is the reconciler's own status write and needs no
     /// further pass; anything a client changes moves one of them.
     observed: Mutex<HashMap<Key, (i64, i64)>>,
-    /// The last Warning about a transient failure per object: message and when.
-    warned: Mutex<HashMap<Key, (String, Instant)>>,
+    /// Holds back a Warning about a transient failure repeated per object.
+    warned: WarningGate<Key>,
 }
 
 /// Where a volume's data comes from, as far as the store can tell.
@@ -136,7 +135,7 @@ impl Reconciler {
             volumes: ReconcileQueue::new(QueueOptions::named("volume")),
             snapshots: ReconcileQueue::new(QueueOptions::named("volume_snapshot")),
             observed: Mutex::new(HashMap::new()),
-            warned: Mutex::new(HashMap::new()),
+            warned: WarningGate::new(WARNING_INTERVAL),
         })
     }
 
@@ -309,7 +308,7 @@ impl Reconciler {
     fn forget(&self, kind: &'static str, id: &str) {
         let key = (kind, id.to_string());
         lock(&self.observed).remove(&key);
-        lock(&self.warned).remove(&key);
+        self.warned.forget(&key);
     }
 
     /// Brings volume `id` to what its record asks for.
@@ -443,7 +442,7 @@ impl Reconciler {
         if let Some(reason) = retry {
             return Err(self.transient(&written, "Expand", reason).await);
         }
-        lock(&self.warned).remove(&(VolumeRecord::KIND, id.to_string()));
+        self.warned.forget(&(VolumeRecord::KIND, id.to_string()));
         Ok(Outcome::Done)
     }
 
@@ -482,11 +481,9 @@ impl Reconciler {
             VolumeSnapshotState::VolumeSnapshotFailed => {
                 SourceState::Gone(format!("source snapshot {snapshot_id} is VOLUME_SNAPSHOT_FAILED"))
             }
-            VolumeSnapshotState::VolumeSnapshotPending if snapshot_is_deleting(&snapshot) => {
-                SourceState::Gone(format!(
-                    "source snapshot {snapshot_id} was deleted before it was taken"
-                ))
-            }
+            VolumeSnapshotState::VolumeSnapshotPending if is_deleting(&snapshot) => SourceState::Gone(
+                format!("source snapshot {snapshot_id} was deleted before it was taken"),
+            ),
             VolumeSnapshotState::VolumeSnapshotPending => SourceState::Wait,
         }
     }
@@ -549,7 +546,7 @@ impl Reconciler {
             .into_iter()
             .filter(|s| {
                 snapshot_volume_id(&s.object) == id
-                    && !snapshot_is_deleting(&s.object)
+                    && !is_deleting(&s.object)
                     && snapshot_state(&s.object) == VolumeSnapshotState::VolumeSnapshotPending
             })
             .map(|s| s.object.id().to_string())
@@ -564,12 +561,7 @@ impl Reconciler {
         if let Err(err) = self.backend.delete_volume(&id).await {
             return Err(self.transient(&record, "Delete", err.to_string()).await);
         }
-        let store = self.store.clone();
-        let key = id.clone();
-        match blocking(move || store.remove::<VolumeRecord>(&key)).await {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
-            Err(err) => return Err(err),
-        }
+        handler::remove_deleted::<VolumeRecord>(&self.store, &id).await?;
         tracing::info!("volume deleted");
         record_event(
             &self.store,
@@ -598,7 +590,7 @@ impl Reconciler {
             Err(err) => return Err(err),
         };
         self.observe(&snapshot);
-        if snapshot_is_deleting(&snapshot) {
+        if is_deleting(&snapshot) {
             return self.delete_snapshot(snapshot).await;
         }
         if snapshot_state(&snapshot) != VolumeSnapshotState::VolumeSnapshotPending {
@@ -657,7 +649,7 @@ impl Reconciler {
         )
         .await;
         self.wake_dependents_of_snapshot(&written);
-        lock(&self.warned).remove(&(VolumeSnapshot::KIND, id.to_string()));
+        self.warned.forget(&(VolumeSnapshot::KIND, id.to_string()));
         Ok(Outcome::Done)
     }
 
@@ -721,12 +713,7 @@ impl Reconciler {
         if let Err(err) = self.backend.delete_snapshot(&id).await {
             return Err(self.transient(&snapshot, "Delete", err.to_string()).await);
         }
-        let store = self.store.clone();
-        let key = id.clone();
-        match blocking(move || store.remove::<VolumeSnapshot>(&key)).await {
-            Ok(()) | Err(Error::NotFound { .. }) => {}
-            Err(err) => return Err(err),
-        }
+        handler::remove_deleted::<VolumeSnapshot>(&self.store, &id).await?;
         tracing::info!("volume snapshot deleted");
         record_event(
             &self.store,
@@ -771,18 +758,7 @@ impl Reconciler {
     /// Reports a transient failure (a Warning event, rate-limited) and returns the error that
     /// makes the queue retry with backoff.
     async fn transient<T: Object>(&self, object: &T, action: &'static str, reason: String) -> Error {
-        let key = (T::KIND, object.id().to_string());
-        let repeat = {
-            let mut warned = lock(&self.warned);
-            let repeat = warned
-                .get(&key)
-                .is_some_and(|(message, at)| *message == reason && at.elapsed() < WARNING_INTERVAL);
-            if !repeat {
-                warned.insert(key, (reason.clone(), Instant::now()));
-            }
-            repeat
-        };
-        if !repeat {
+        if self.warned.admit((T::KIND, object.id().to_string()), &reason) {
             record_event(
                 &self.store,
                 object.metadata(),
@@ -989,7 +965,7 @@ pub(crate) mod fake {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, time::Instant};
 
     use iri_api::{
         meta::v1alpha1::ObjectMetadata,

@@ -12,7 +12,6 @@ use iri_api::{
     meta::v1alpha1::ObjectMetadata,
     volume::v1alpha1::{Volume, VolumeSnapshot, VolumeSnapshotState, VolumeSpec, VolumeState, VolumeStatus},
 };
-use iri_runtime::{Error, EventType, Object, Result, Store};
 use prost::Message;
 
 /// A volume as stored: the IRI object plus what only the provider needs to know.
@@ -40,21 +39,7 @@ pub struct VolumeRecord {
     pub encryption_key: Vec<u8>,
 }
 
-impl Object for VolumeRecord {
-    const KIND: &'static str = "volume";
-
-    fn metadata(&self) -> Option<&ObjectMetadata> {
-        self.metadata.as_ref()
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMetadata {
-        self.metadata.get_or_insert_with(Default::default)
-    }
-
-    fn spec_bytes(&self) -> Vec<u8> {
-        self.spec.as_ref().map(Message::encode_to_vec).unwrap_or_default()
-    }
-}
+iri_runtime::impl_object!(VolumeRecord, "volume");
 
 impl VolumeRecord {
     /// The IRI object, as List and Create return it.
@@ -138,43 +123,9 @@ pub fn snapshot_volume_id(snapshot: &VolumeSnapshot) -> &str {
     snapshot.spec.as_ref().map_or("", |s| s.volume_id.as_str())
 }
 
-/// Whether deletion of the snapshot was requested.
-pub fn snapshot_is_deleting(snapshot: &VolumeSnapshot) -> bool {
-    snapshot.metadata.as_ref().is_some_and(|m| m.deleted_at != 0)
-}
-
 /// `status.size` of a snapshot (0 until READY).
 pub fn snapshot_size(snapshot: &VolumeSnapshot) -> i64 {
     snapshot.status.as_ref().map_or(0, |s| s.size)
-}
-
-/// Runs a store write (an fsynced SQLite transaction) off the async worker threads, so a slow
-/// disk delays only the caller, not every other RPC and reconcile sharing the thread.
-pub(crate) async fn blocking<T: Send + 'static>(
-    write: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(write)
-        .await
-        .map_err(|e| Error::Internal(format!("store task: {e}")))?
-}
-
-/// Records an event about the object with `meta`. The change it reports has happened already,
-/// so an event that cannot be stored is logged, never turned into a failure of that change.
-pub(crate) async fn record_event(
-    store: &Store,
-    meta: Option<&ObjectMetadata>,
-    event_type: EventType,
-    reason: &'static str,
-    action: &'static str,
-    message: String,
-) {
-    let store = store.clone();
-    let meta = meta.cloned().unwrap_or_default();
-    let id = meta.id.clone();
-    let result = blocking(move || store.record_event(&meta, event_type, reason, action, &message)).await;
-    if let Err(err) = result {
-        tracing::warn!(id = %id, reason, %err, "cannot record event");
-    }
 }
 
 #[cfg(test)]

@@ -51,8 +51,9 @@ use iri_api::volume::v1alpha1::{
     VolumeSnapshotStatus, VolumeSpec, VolumeState, VolumeStatus, volume_runtime_server,
 };
 use iri_runtime::{
-    Error, EventFilter, EventType, ObjectFilter, Result, Store,
+    Error, EventType, ObjectFilter, Result, Store,
     error::reply,
+    handler::{self, blocking, is_deleting, record_event},
     validate::{client_metadata, shorten},
 };
 use tonic::{Request, Response, Status};
@@ -61,10 +62,7 @@ use crate::{
     backend::{Backend, local::check_image_reference},
     config::{Config, VolumeClass},
     keys::{Kek, Passphrase},
-    record::{
-        VolumeRecord, blocking, record_event, snapshot_is_deleting, snapshot_size, snapshot_state,
-        snapshot_volume_id,
-    },
+    record::{VolumeRecord, snapshot_size, snapshot_state, snapshot_volume_id},
 };
 
 /// The key of the passphrase in `spec.encryption.secret_data` (upstream's name).
@@ -275,7 +273,7 @@ impl VolumeService {
                 other => other,
             })?
             .object;
-        if snapshot_is_deleting(&snapshot) {
+        if is_deleting(&snapshot) {
             return Err(Error::FailedPrecondition(format!(
                 "{FIELD}: volume snapshot {snapshot_id:?} is being deleted"
             )));
@@ -367,30 +365,9 @@ impl VolumeService {
         Ok(())
     }
 
+    /// DeleteVolume: the reconciler releases the volume in the backend and removes the record.
     async fn request_volume_deletion(&self, id: String) -> Result<()> {
-        let current = self.store.get::<VolumeRecord>(&id)?.object;
-        if current.is_deleting() {
-            // Poollets poll Delete until NotFound: OK while the backend releases the volume.
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let marked = {
-            let id = id.clone();
-            blocking(move || store.mark_deleted::<VolumeRecord>(&id))
-                .await?
-                .object
-        };
-        tracing::info!(id = %id, "volume deletion requested");
-        record_event(
-            &self.store,
-            marked.metadata.as_ref(),
-            EventType::Normal,
-            "Deleting",
-            "Delete",
-            "Deleting volume".to_string(),
-        )
-        .await;
-        Ok(())
+        handler::request_deletion::<VolumeRecord>(&self.store, id, "volume", "Deleting volume").await
     }
 
     async fn insert_snapshot(&self, request: CreateVolumeSnapshotRequest) -> Result<VolumeSnapshot> {
@@ -461,34 +438,15 @@ impl VolumeService {
         Ok(stored)
     }
 
+    /// DeleteVolumeSnapshot: the reconciler removes the snapshot's data and then the record.
     async fn request_snapshot_deletion(&self, id: String) -> Result<()> {
-        let current = self.store.get::<VolumeSnapshot>(&id)?.object;
-        if snapshot_is_deleting(&current) {
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let marked = {
-            let id = id.clone();
-            blocking(move || store.mark_deleted::<VolumeSnapshot>(&id))
-                .await?
-                .object
-        };
-        tracing::info!(id = %id, "volume snapshot deletion requested");
-        record_event(
+        handler::request_deletion::<VolumeSnapshot>(
             &self.store,
-            marked.metadata.as_ref(),
-            EventType::Normal,
-            "Deleting",
-            "Delete",
-            "Deleting volume snapshot".to_string(),
+            id,
+            "volume snapshot",
+            "Deleting volume snapshot",
         )
-        .await;
-        Ok(())
-    }
-
-    async fn events(&self, filter: EventFilter) -> Result<Vec<iri_api::event::v1alpha1::Event>> {
-        let store = self.store.clone();
-        blocking(move || store.list_events(&filter)).await
+        .await
     }
 
     async fn class_status(&self) -> Vec<VolumeClassStatus> {
@@ -671,29 +629,18 @@ impl volume_runtime_server::VolumeRuntime for VolumeService {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(EventFilter::from)
-            .unwrap_or_default();
-        reply(self.events(filter).await, |events| ListEventsResponse { events })
+        let filter = request.into_inner().filter;
+        reply(handler::list_events(&self.store, filter).await, |events| {
+            ListEventsResponse { events }
+        })
     }
 
     async fn list_volumes(
         &self,
         request: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(ObjectFilter::from)
-            .unwrap_or_default();
-        let volumes = self
-            .store
-            .list::<VolumeRecord>(&filter)
-            .into_iter()
-            .map(|stored| stored.object.into_volume())
-            .collect();
+        let filter = request.into_inner().filter;
+        let volumes = handler::list(&self.store, filter, VolumeRecord::into_volume);
         Ok(Response::new(ListVolumesResponse { volumes }))
     }
 
@@ -751,17 +698,8 @@ impl volume_runtime_server::VolumeRuntime for VolumeService {
         &self,
         request: Request<ListVolumeSnapshotsRequest>,
     ) -> Result<Response<ListVolumeSnapshotsResponse>, Status> {
-        let filter = request
-            .into_inner()
-            .filter
-            .map(ObjectFilter::from)
-            .unwrap_or_default();
-        let volume_snapshots = self
-            .store
-            .list::<VolumeSnapshot>(&filter)
-            .into_iter()
-            .map(|stored| stored.object)
-            .collect();
+        let filter = request.into_inner().filter;
+        let volume_snapshots = handler::list(&self.store, filter, |snapshot: VolumeSnapshot| snapshot);
         Ok(Response::new(ListVolumeSnapshotsResponse { volume_snapshots }))
     }
 
@@ -1408,7 +1346,7 @@ mod tests {
         );
         delete(snap_id.clone()).await.unwrap();
         delete(snap_id.clone()).await.unwrap();
-        assert!(snapshot_is_deleting(
+        assert!(is_deleting(
             &f.store.get::<VolumeSnapshot>(&snap_id).unwrap().object
         ));
 

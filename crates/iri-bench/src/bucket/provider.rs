@@ -59,49 +59,14 @@ pub struct Provider {
     pub log: PathBuf,
 }
 
-/// Where to find the provider binary: `explicit`, else `$IRI_BUCKET_PROVIDER_BIN`, else next to
-/// this executable (`target/<profile>/`), else `target/release/` and `target/debug/` under the
-/// current directory, else `iri-bucket-provider` on the PATH.
+/// Where to find `iri-bucket-provider`: see [`crate::binary::find`] (`$IRI_BUCKET_PROVIDER_BIN`).
 pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf> {
-    const NAME: &str = "iri-bucket-provider";
-    if let Some(path) = explicit {
-        if !path.is_file() {
-            bail!("--provider-bin {}: no such file", path.display());
-        }
-        return Ok(path.to_path_buf());
-    }
-    if let Some(path) = std::env::var_os("IRI_BUCKET_PROVIDER_BIN").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent()
-    {
-        candidates.push(dir.join(NAME));
-        // Test executables live in target/<profile>/deps.
-        if let Some(parent) = dir.parent() {
-            candidates.push(parent.join(NAME));
-        }
-    }
-    candidates.push(PathBuf::from("target/release").join(NAME));
-    candidates.push(PathBuf::from("target/debug").join(NAME));
-    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
-        return Ok(std::path::absolute(&found).unwrap_or(found));
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(NAME))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .find(|p| p.is_file());
-    on_path.with_context(|| {
-        format!(
-            "{NAME} not found: build it (cargo build --release -p bucket-provider) or pass --provider-bin"
-        )
-    })
+    crate::binary::find(
+        "iri-bucket-provider",
+        "bucket-provider",
+        "IRI_BUCKET_PROVIDER_BIN",
+        explicit,
+    )
 }
 
 impl Provider {

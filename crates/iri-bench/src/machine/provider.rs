@@ -46,40 +46,14 @@ pub struct Provider {
     pub log: PathBuf,
 }
 
-/// Where to find the provider binary: `explicit`, else `$IRI_MACHINE_PROVIDER_BIN`, else next
-/// to this executable, else `target/release/` and `target/debug/` under the current directory,
-/// else `iri-machine-provider` on the PATH.
+/// Where to find `iri-machine-provider`: see [`crate::binary::find`] (`$IRI_MACHINE_PROVIDER_BIN`).
 pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf> {
-    const NAME: &str = "iri-machine-provider";
-    if let Some(path) = explicit {
-        if !path.is_file() {
-            bail!("--provider-bin {}: no such file", path.display());
-        }
-        return Ok(path.to_path_buf());
-    }
-    if let Some(path) = std::env::var_os("IRI_MACHINE_PROVIDER_BIN").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent()
-    {
-        candidates.push(dir.join(NAME));
-        if let Some(parent) = dir.parent() {
-            candidates.push(parent.join(NAME));
-        }
-    }
-    candidates.push(PathBuf::from("target/release").join(NAME));
-    candidates.push(PathBuf::from("target/debug").join(NAME));
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join(NAME)));
-    }
-    let found = candidates.into_iter().find(|p| p.is_file()).with_context(|| {
-        format!(
-            "{NAME} not found: build it (cargo build --release -p machine-provider) or pass --provider-bin"
-        )
-    })?;
-    Ok(std::path::absolute(&found).unwrap_or(found))
+    crate::binary::find(
+        "iri-machine-provider",
+        "machine-provider",
+        "IRI_MACHINE_PROVIDER_BIN",
+        explicit,
+    )
 }
 
 /// The provider's configuration: two classes of one vCPU (`memory` and `small_memory` bytes),

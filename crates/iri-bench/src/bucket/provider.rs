@@ -6,25 +6,18 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use iri_api::{
-    Endpoint,
     bucket::v1alpha1::{
         Bucket, BucketFilter, BucketSpec, BucketState, CreateBucketRequest, ListBucketsRequest,
         VersionRequest, bucket_runtime_client::BucketRuntimeClient,
     },
     endpoint::clients,
     meta::v1alpha1::ObjectMetadata,
-};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
 };
 use tonic::transport::Channel;
 
@@ -41,16 +34,12 @@ pub const CLASS: &str = "bench";
 /// Label on the bucket the benchmark creates.
 pub const LABEL: &str = "iri-bench";
 
-/// How long the provider may take to serve.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the bucket may take to become AVAILABLE.
 const CONVERGE: Duration = Duration::from_secs(60);
-/// How long the provider may take to exit after SIGTERM before it gets SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running provider. Dropping it stops the provider.
 pub struct Provider {
-    child: Option<Child>,
+    process: crate::binary::Process,
     /// The provider's data directory.
     pub data_dir: PathBuf,
     /// The IRI socket.
@@ -83,81 +72,40 @@ impl Provider {
             ),
         )
         .context("writing the provider config")?;
+        let socket = root.join("bucket.sock");
+        let log = root.join("provider.log");
+        let process = crate::binary::Process::spawn(binary, &data_dir, &socket, &config, &log)?;
         let mut provider = Provider {
-            child: None,
+            process,
             data_dir,
-            socket: root.join("bucket.sock"),
-            log: root.join("provider.log"),
+            socket,
+            log,
         };
-        let log = File::create(&provider.log).context("creating the provider log")?;
-        let child = Command::new(binary)
-            .arg("--data-dir")
-            .arg(&provider.data_dir)
-            .arg("--address")
-            .arg(&provider.socket)
-            .arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        provider.child = Some(child);
         let client = provider.connect().await?;
         Ok((provider, client))
     }
 
     async fn connect(&mut self) -> Result<Client> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!("the provider exited with {status}:\n{}", self.log_tail());
-            }
-            if let Ok(channel) = Endpoint::Unix(self.socket.clone())
-                .connect(Duration::from_secs(2))
-                .await
-            {
+        self.process
+            .wait_serving(&self.socket, |channel| async move {
                 let mut client = clients::bucket(channel);
-                if client.version(VersionRequest::default()).await.is_ok() {
-                    return Ok(client);
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the provider does not serve after {START_TIMEOUT:?}:\n{}",
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                client
+                    .version(VersionRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| client)
+            })
+            .await
     }
 
     /// The last lines of the provider's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.process.log_tail()
     }
 
     /// Stops the provider (SIGTERM, SIGKILL after a timeout). Idempotent.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.stop();
     }
 }
 

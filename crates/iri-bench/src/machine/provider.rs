@@ -7,14 +7,12 @@
 //! directory on its command line).
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use iri_api::{Endpoint, endpoint::clients, machine::v1alpha1::VersionRequest};
+use anyhow::{Context, Result};
+use iri_api::{endpoint::clients, machine::v1alpha1::VersionRequest};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -27,15 +25,13 @@ pub const CLASS: &str = "bench";
 /// The class of the machines of the memory measurement.
 pub const SMALL_CLASS: &str = "bench-small";
 
-/// How long the provider may take to serve.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the provider may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running provider. Dropping it stops the provider and kills every QEMU of its data
 /// directory (delete the machines through IRI first: that is the clean way).
 pub struct Provider {
-    child: Option<Child>,
+    process: crate::binary::Process,
     /// The run's directory.
     pub root: PathBuf,
     /// The provider's data directory.
@@ -101,72 +97,42 @@ impl Provider {
     pub async fn start(binary: &Path, root: &Path, config: &str) -> Result<(Provider, Client)> {
         let config_path = root.join("provider.toml");
         std::fs::write(&config_path, config).context("writing the provider config")?;
+        let socket = root.join("machine.sock");
+        let log = root.join("provider.log");
+        let dir = data_dir(root);
+        let process = crate::binary::Process::spawn(binary, &dir, &socket, &config_path, &log)?;
         let mut provider = Provider {
-            child: None,
+            process,
             root: root.to_path_buf(),
-            data_dir: data_dir(root),
-            socket: root.join("machine.sock"),
-            log: root.join("provider.log"),
+            data_dir: dir,
+            socket,
+            log,
         };
-        let log = File::create(&provider.log).context("creating the provider log")?;
-        let child = Command::new(binary)
-            .arg("--data-dir")
-            .arg(&provider.data_dir)
-            .arg("--address")
-            .arg(&provider.socket)
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        provider.child = Some(child);
         let client = provider.connect().await?;
         Ok((provider, client))
     }
 
     async fn connect(&mut self) -> Result<Client> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!("the provider exited with {status}:\n{}", self.log_tail());
-            }
-            if let Ok(channel) = Endpoint::Unix(self.socket.clone())
-                .connect(Duration::from_secs(2))
-                .await
-            {
+        self.process
+            .wait_serving(&self.socket, |channel| async move {
                 let mut client = clients::machine(channel);
-                if client.version(VersionRequest::default()).await.is_ok() {
-                    return Ok(client);
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the provider does not serve after {START_TIMEOUT:?}:\n{}",
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                client
+                    .version(VersionRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| client)
+            })
+            .await
     }
 
     /// The provider's pid while it runs.
     pub fn pid(&self) -> Option<i32> {
-        self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
+        self.process.pid()
     }
 
     /// The last lines of the provider's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.process.log_tail()
     }
 
     /// Pids of the live QEMU processes of this run: those named by a pid file under the data
@@ -197,17 +163,7 @@ impl Provider {
     /// Stops the provider (SIGTERM, SIGKILL after a timeout), then kills every QEMU left of
     /// this run. Returns how many QEMU processes had to be killed. Idempotent.
     pub fn stop(&mut self) -> usize {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.stop();
         let leftovers = self.qemu_pids();
         for &pid in &leftovers {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -5,15 +5,12 @@
 //! `<data-dir>/local/daemon/pid`).
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use iri_api::{
-    Endpoint,
     endpoint::clients,
     volume::v1alpha1::{VersionRequest, volume_runtime_client::VolumeRuntimeClient},
 };
@@ -27,14 +24,12 @@ use tonic::transport::Channel;
 /// export path and not a throttle.
 pub const CLASS: &str = "bench";
 
-/// How long the provider may take to serve.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a process may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running provider. Dropping it stops the provider and its storage daemon.
 pub struct Provider {
-    child: Option<Child>,
+    process: crate::binary::Process,
     /// The provider's data directory.
     pub data_dir: PathBuf,
     /// The IRI socket.
@@ -64,82 +59,41 @@ impl Provider {
             format!("[[classes]]\nname = \"{CLASS}\"\ntps = 0\niops = 0\n"),
         )
         .context("writing the provider config")?;
+        let socket = root.join("volume.sock");
+        let log = root.join("provider.log");
+        let process = crate::binary::Process::spawn(binary, &data_dir, &socket, &config, &log)?;
         let mut provider = Provider {
-            child: None,
+            process,
             data_dir,
-            socket: root.join("volume.sock"),
-            log: root.join("provider.log"),
+            socket,
+            log,
         };
-        let log = File::create(&provider.log).context("creating the provider log")?;
-        let child = Command::new(binary)
-            .arg("--data-dir")
-            .arg(&provider.data_dir)
-            .arg("--address")
-            .arg(&provider.socket)
-            .arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        provider.child = Some(child);
         let client = provider.connect().await?;
         Ok((provider, client))
     }
 
     async fn connect(&mut self) -> Result<VolumeRuntimeClient<Channel>> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!("the provider exited with {status}:\n{}", self.log_tail());
-            }
-            if let Ok(channel) = Endpoint::Unix(self.socket.clone())
-                .connect(Duration::from_secs(2))
-                .await
-            {
+        self.process
+            .wait_serving(&self.socket, |channel| async move {
                 let mut client = clients::volume(channel);
-                if client.version(VersionRequest::default()).await.is_ok() {
-                    return Ok(client);
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the provider does not serve after {START_TIMEOUT:?}:\n{}",
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                client
+                    .version(VersionRequest::default())
+                    .await
+                    .ok()
+                    .map(|_| client)
+            })
+            .await
     }
 
     /// The last lines of the provider's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.process.log_tail()
     }
 
     /// Stops the provider (SIGTERM, SIGKILL after a timeout), then the storage daemon of its data
     /// directory. Idempotent.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.stop();
         if let Some(pid) = self.daemon_pid() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             let deadline = Instant::now() + STOP_TIMEOUT;

@@ -117,6 +117,21 @@ struct Checksums {
     declared: dto::Checksum,
 }
 
+/// The checksums a request declares: PutObjectInput and UploadPartInput carry the same fields
+/// under the same names, as two types.
+macro_rules! declared_checksums {
+    ($input:expr) => {
+        DeclaredChecksums {
+            algorithm: $input.checksum_algorithm.as_ref(),
+            crc32: $input.checksum_crc32.clone(),
+            crc32c: $input.checksum_crc32c.clone(),
+            crc64nvme: $input.checksum_crc64nvme.clone(),
+            sha1: $input.checksum_sha1.clone(),
+            sha256: $input.checksum_sha256.clone(),
+        }
+    };
+}
+
 /// The checksum fields every upload input carries.
 struct DeclaredChecksums<'a> {
     algorithm: Option<&'a dto::ChecksumAlgorithm>,
@@ -586,17 +601,7 @@ impl S3 for S3Api {
         &self,
         req: S3Request<dto::PutObjectInput>,
     ) -> S3Result<S3Response<dto::PutObjectOutput>> {
-        let checksums = Checksums::new(
-            DeclaredChecksums {
-                algorithm: req.input.checksum_algorithm.as_ref(),
-                crc32: req.input.checksum_crc32.clone(),
-                crc32c: req.input.checksum_crc32c.clone(),
-                crc64nvme: req.input.checksum_crc64nvme.clone(),
-                sha1: req.input.checksum_sha1.clone(),
-                sha256: req.input.checksum_sha256.clone(),
-            },
-            &req.headers,
-        );
+        let checksums = Checksums::new(declared_checksums!(req.input), &req.headers);
         let trailers = req.trailing_headers;
         let input = req.input;
         let bucket = self.bucket(&input.bucket)?;
@@ -994,17 +999,7 @@ impl S3 for S3Api {
         &self,
         req: S3Request<dto::UploadPartInput>,
     ) -> S3Result<S3Response<dto::UploadPartOutput>> {
-        let checksums = Checksums::new(
-            DeclaredChecksums {
-                algorithm: req.input.checksum_algorithm.as_ref(),
-                crc32: req.input.checksum_crc32.clone(),
-                crc32c: req.input.checksum_crc32c.clone(),
-                crc64nvme: req.input.checksum_crc64nvme.clone(),
-                sha1: req.input.checksum_sha1.clone(),
-                sha256: req.input.checksum_sha256.clone(),
-            },
-            &req.headers,
-        );
+        let checksums = Checksums::new(declared_checksums!(req.input), &req.headers);
         let trailers = req.trailing_headers;
         let input = req.input;
         let bucket = self.bucket(&input.bucket)?;
